@@ -1,0 +1,47 @@
+# Two commands on a fresh machine with Python 3.11 and pip:
+#   make demo   set up, prepare the DVC-pinned data, run the retraining flow on the embedded default
+#   make test   set up, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup sources data demo test lint bench clean
+
+setup: $(STAMP) sources
+
+# Pinned versions (requirements/constraints.txt) make every machine resolve the same wheels.
+$(STAMP): pyproject.toml requirements/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip wheel setuptools
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist; install it where we can, explain where we cannot.
+sources:
+	@if [ -f "$(FASHION_DIR)/train-images-idx3-ubyte.gz" ] || [ -n "$$TRANSFLOW_FASHION_MNIST_DIR" ]; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null && apt-get install -y -qq dataset-fashion-mnist >/dev/null)); \
+	else \
+	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or download the four"; \
+	  echo "*-ubyte.gz files of Fashion-MNIST and export TRANSFLOW_FASHION_MNIST_DIR=/path/to/them."; exit 1; \
+	fi
+
+data: setup
+	$(BIN)/transflow data prepare
+	$(BIN)/transflow data verify
+
+demo: data
+	$(BIN)/transflow data status
+
+test: setup
+	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; exit $$rc
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) data.partial data.old .pytest_cache .ruff_cache

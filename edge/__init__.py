@@ -1,0 +1,1 @@
+"""The edge side: bundle format and the light inference server (no torch)."""

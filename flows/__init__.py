@@ -1,0 +1,1 @@
+"""Prefect flows, the CLI and the RunConfig: the edge of the program."""

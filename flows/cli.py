@@ -1,0 +1,139 @@
+"""`transflow`: the command line. Parses arguments, builds the RunConfig, calls flows; nothing more.
+
+Heavy libraries (torch, mlflow, prefect) are imported inside commands so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.config import ConfigError, DataConfig, load_config
+
+console = Console()
+app = typer.Typer(
+    help="Transfer learning with Transformers, from DVC-versioned data to ONNX models on edge servers.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+data_app = typer.Typer(help="Prepare, verify and inspect the DVC-versioned datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+CONFIG_OPT = typer.Option(..., "--config", "-c", help="YAML run config (see configs/).")
+SET_OPT = typer.Option([], "--set", help="Override a config value: --set training.seed=7 (repeatable).")
+
+
+def fail(message: str, code: int = 1) -> None:
+    console.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+@data_app.command("prepare")
+def data_prepare(
+    out: Path = typer.Option(Path("data"), help="Where to write the datasets (tracked by DVC as one directory)."),
+    dvc: bool = typer.Option(True, help="Track the result with DVC (`dvc add`, then push to the default remote)."),
+) -> None:
+    """Build the demo datasets (tweets, fashion-mnist, digits) deterministically and pin them with DVC."""
+    from tasks.data import DataError, dvc_track
+    from tasks.datasets import SourceMissingError, prepare_all
+
+    started = time.perf_counter()
+    staging = out.with_name(out.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with console.status("building datasets from the offline sources…"):
+            sizes = prepare_all(staging)
+    except SourceMissingError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        fail(str(exc))
+    _replace_dir(staging, out)
+    table = Table("dataset", "train", "validation", "test", title=f"prepared into {out}/")
+    for name, split_sizes in sizes.items():
+        table.add_row(name, *(str(split_sizes[s]) for s in ("train", "validation", "test")))
+    console.print(table)
+    if dvc:
+        try:
+            with console.status("dvc add…"):
+                pin = dvc_track(out, Path.cwd())
+        except DataError as exc:
+            fail(str(exc))
+        console.print(f"data version (md5 in {pin.dvc_file.name}): [bold]{pin.version}[/]")
+    console.print(f"done in {time.perf_counter() - started:.1f}s")
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap `new` into `target` so a crash mid-prepare never leaves a half-written data directory."""
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        target.rename(old)
+    new.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@data_app.command("verify")
+def data_verify(dvc_file: Path = typer.Option(Path("data.dvc"), help="The DVC file that pins the data.")) -> None:
+    """Re-hash the data against its DVC pin; fail naming every changed, missing or extra file."""
+    from tasks.data import DataError, verify_data
+
+    try:
+        report = verify_data(dvc_file)
+    except DataError as exc:
+        fail(str(exc))
+    if not report.ok:
+        for problem in report.problems:
+            console.print(f"[red]✗[/] {problem}")
+        fail(f"data does not match {dvc_file} (pinned {report.version}, found {report.actual})")
+    console.print(f"[green]✓[/] data matches {dvc_file}: version {report.version}")
+
+
+@data_app.command("status")
+def data_status(
+    dvc_file: Path = typer.Option(Path("data.dvc"), help="The DVC file that pins the data."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Show this run config's data instead."),
+    overrides: list[str] = SET_OPT,
+) -> None:
+    """Print the data version (md5), and split sizes and class balance per dataset."""
+    from tasks.data import DataError, class_balance, data_version, load_dataset, read_pin
+
+    try:
+        if config:
+            cfg = load_config(config, overrides).data
+            targets = [cfg]
+            console.print(f"data version: [bold]{data_version(cfg.dvc_file)}[/]")
+        else:
+            pin = read_pin(dvc_file)
+            console.print(f"data version (md5 in {dvc_file}): [bold]{pin.version}[/]  files: {pin.nfiles}")
+            targets = [_guess_data_config(d) for d in sorted(pin.path.iterdir()) if d.is_dir()]
+        for cfg in targets:
+            _print_balance(cfg.path, class_balance(load_dataset(cfg)))
+    except (DataError, ConfigError, ValueError) as exc:
+        fail(str(exc))
+
+
+def _guess_data_config(path: Path) -> DataConfig:
+    text = any(path.glob("*.jsonl")) or any(path.glob("*.csv"))
+    return DataConfig(modality="text" if text else "image", path=path, dvc_file=None)
+
+
+def _print_balance(path: Path, balance: dict[str, dict[str, int]]) -> None:
+    """One row per class, one column per split: stays readable with many classes."""
+    classes = sorted({c for counts in balance.values() for c in counts})
+    table = Table("class", *balance, title=str(path))
+    for c in classes:
+        table.add_row(c, *(str(counts.get(c, 0)) for counts in balance.values()))
+    table.add_row("[bold]total[/]", *(f"[bold]{sum(counts.values())}[/]" for counts in balance.values()))
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

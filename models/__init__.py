@@ -1,0 +1,1 @@
+"""Pure torch / transformers / torchvision code: no Prefect, no MLflow, no config objects."""

@@ -1,0 +1,1 @@
+"""One job per module, typed inputs and outputs, no hidden globals."""
