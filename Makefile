@@ -34,7 +34,7 @@ data: setup
 	$(BIN)/transflow data verify
 
 demo: data
-	$(BIN)/transflow data status
+	$(BIN)/transflow run --config configs/text-tweets.yaml --summary run-summary.json
 
 test: setup
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \

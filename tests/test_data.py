@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +14,7 @@ from PIL import Image
 from flows.config import DataConfig
 from tasks.data import DataError, load_dataset, read_pin, tree_entries, tree_md5, verify_data
 from tasks.datasets import dedup_key, dedup_tweets, prepare_all
-from tests.conftest import ROOT, write_jsonl
-
-DVC = str(ROOT / ".venv" / "bin" / "dvc") if (ROOT / ".venv" / "bin" / "dvc").exists() else "dvc"
+from tests.conftest import ROOT, dvc_repo_with, write_jsonl
 
 
 def test_prepare_is_byte_identical_and_matches_committed_data_dvc(prepared_data: Path, tmp_path: Path) -> None:
@@ -74,12 +71,7 @@ def test_image_datasets_load(prepared_data: Path) -> None:
 @pytest.fixture
 def dvc_repo(prepared_data: Path, tmp_path: Path) -> Path:
     """A real git + DVC repo holding a copy of the digits, tracked with `dvc add`."""
-    repo = tmp_path / "repo"
-    shutil.copytree(prepared_data / "digits", repo / "data")
-    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
-    subprocess.run([DVC, "init", "-q"], cwd=repo, check=True)
-    subprocess.run([DVC, "add", "-q", "data"], cwd=repo, check=True)
-    return repo
+    return dvc_repo_with(prepared_data / "digits", tmp_path / "repo")
 
 
 def test_verify_passes_on_the_pinned_copy(dvc_repo: Path) -> None:

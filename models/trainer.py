@@ -1,0 +1,196 @@
+"""The training loop, readable in one screen: AdamW, linear warmup/decay, accumulation, clipping,
+optional bf16 autocast, evaluation each epoch, best checkpoint (safetensors), early stopping.
+
+`fit` knows nothing of stages, MLflow or Prefect: it receives built objects and returns a history.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+
+from models.batching import Batch
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    epochs: int
+    warmup_ratio: float = 0.0
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    patience: int | None = None
+    metric: str = "macro_f1"
+    device: str = "cpu"
+    bf16: bool = False
+    log_every_steps: int = 10
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    step_losses: list[tuple[int, float]] = field(default_factory=list)
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    seconds: float = 0.0
+    samples_per_second: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def scores(y_true: list[int] | np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """accuracy and macro-F1 of argmax predictions."""
+    y_pred = logits.argmax(-1)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+
+
+def to_device(inputs: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
+
+
+def autocast(device: str, bf16: bool) -> Any:
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, batches: Sequence[Batch], device: str, bf16: bool = False, title: str = "predict"
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """(logits, labels, mean cross-entropy) over every batch."""
+    model.eval()
+    all_logits, all_labels, losses = [], [], 0.0
+    for inputs, labels in progress(batches, title):
+        with autocast(device, bf16):
+            logits = model(**to_device(inputs, device)).float()
+        losses += F.cross_entropy(logits, labels.to(device), reduction="sum").item()
+        all_logits.append(logits.cpu().numpy())
+        all_labels.append(labels.numpy())
+    labels_np = np.concatenate(all_labels)
+    return np.concatenate(all_logits), labels_np, losses / max(len(labels_np), 1)
+
+
+def evaluate(
+    model: nn.Module, batches: Sequence[Batch], device: str, bf16: bool = False, title: str = "evaluate"
+) -> dict[str, float]:
+    logits, labels, loss = predict(model, batches, device, bf16, title)
+    return {**scores(labels, logits), "loss": loss}
+
+
+def fit(
+    model: nn.Module,
+    groups: list[dict[str, Any]],
+    train_batches: Callable[[int], Sequence[Batch]],
+    val_batches: Sequence[Batch],
+    plan: FitPlan,
+    checkpoint: Path,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    title: str = "train",
+) -> FitResult:
+    """Train `model` for `plan.epochs`; keep and reload the best epoch by `plan.metric` on `val_batches`.
+
+    `train_batches(epoch)` returns that epoch's (shuffled) batches, so a seeded order is reproducible.
+    """
+    from transformers import get_linear_schedule_with_warmup
+
+    n_batches = len(train_batches(0))
+    total_steps = plan.epochs * math.ceil(n_batches / plan.grad_accum_steps)
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(plan.warmup_ratio * total_steps), total_steps)
+    trainable = [p for g in groups for p in g["params"]]
+    result, bad_epochs, step, started = FitResult(), 0, 0, time.perf_counter()
+    seen = 0
+    for epoch in range(plan.epochs):
+        model.train()
+        epoch_loss, epoch_seen, epoch_start = 0.0, 0, time.perf_counter()
+        batches = train_batches(epoch)
+        with _progress() as bar:
+            task = bar.add_task(f"{title} epoch {epoch + 1}/{plan.epochs}", total=len(batches), info="")
+            for i, (inputs, labels) in enumerate(batches):
+                with autocast(plan.device, plan.bf16):
+                    logits = model(**to_device(inputs, plan.device))
+                loss = F.cross_entropy(logits.float(), labels.to(plan.device))
+                (loss / plan.grad_accum_steps).backward()
+                if (i + 1) % plan.grad_accum_steps == 0 or i + 1 == len(batches):
+                    if plan.max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(trainable, plan.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    if step % plan.log_every_steps == 0:
+                        result.step_losses.append((step, loss.item()))
+                epoch_loss += loss.item() * len(labels)
+                epoch_seen += len(labels)
+                rate = epoch_seen / (time.perf_counter() - epoch_start)
+                bar.update(task, advance=1, info=f"loss {epoch_loss / epoch_seen:.4f} · {rate:.0f} samples/s")
+        seen += epoch_seen
+        train_seconds = time.perf_counter() - epoch_start
+        val = evaluate(model, val_batches, plan.device, plan.bf16, f"{title} validation")
+        row = {"epoch": epoch + 1, "train_loss": epoch_loss / epoch_seen, "samples_per_s": epoch_seen / train_seconds}
+        row.update({f"val_{k}": v for k, v in val.items()})
+        result.history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        if val[plan.metric] > result.best_metric:
+            result.best_metric, result.best_epoch, bad_epochs = val[plan.metric], epoch + 1, 0
+            save_state(model, checkpoint)
+        else:
+            bad_epochs += 1
+            if plan.patience and bad_epochs >= plan.patience:
+                break
+    load_state(model, checkpoint)
+    result.seconds = time.perf_counter() - started
+    result.samples_per_second = seen / result.seconds
+    return result
+
+
+def save_state(model: nn.Module, path: Path) -> None:
+    """Write a safetensors state dict to a temp name, then rename: a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_state(model: nn.Module, path: Path) -> None:
+    model.load_state_dict(load_file(str(path)))
+
+
+def progress(batches: Sequence[Batch], title: str) -> Iterable[Batch]:
+    """Iterate with a progress bar (inference passes over thousands of examples take minutes on CPU)."""
+    with _progress() as bar:
+        task = bar.add_task(title, total=len(batches), info="")
+        for batch in batches:
+            yield batch
+            bar.update(task, advance=1)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeRemainingColumn(),
+        transient=False,
+    )

@@ -1,0 +1,98 @@
+"""Evaluation on the held-out test split: metrics, per-class report, confusion matrix and curves as
+PNGs, and the two reference baselines every fine-tuned model must beat."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from prefect import task
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import classification_report, confusion_matrix
+
+from models.batching import Batch
+from models.trainer import predict, scores
+from tasks.finetune import LIVE
+
+
+def report(y_true: Sequence[int], logits: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """accuracy, macro-F1 and scikit-learn's per-class precision / recall / F1 / support."""
+    y_pred = logits.argmax(-1)
+    per_class = classification_report(
+        y_true, y_pred, labels=list(range(len(classes))), target_names=classes, output_dict=True, zero_division=0
+    )
+    return {**scores(np.asarray(y_true), logits), "per_class": {c: per_class[c] for c in classes}}
+
+
+@task(**LIVE)
+def evaluate_model(
+    model: torch.nn.Module, batches: Sequence[Batch], classes: list[str], device: str, out_dir: Path, bf16: bool = False
+) -> dict[str, Any]:
+    """Test metrics and a confusion-matrix PNG for the final model."""
+    logits, labels, loss = predict(model, batches, device, bf16)
+    result = report(labels, logits, classes) | {"loss": loss}
+    result["confusion_png"] = str(plot_confusion(labels, logits.argmax(-1), classes, out_dir / "confusion_matrix.png"))
+    return result | {"logits": logits}
+
+
+def plot_confusion(y_true: Sequence[int], y_pred: Sequence[int], classes: list[str], path: Path) -> Path:
+    matrix = confusion_matrix(y_true, y_pred, labels=list(range(len(classes))))
+    size = max(4.0, 0.6 * len(classes) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true")
+    ax.set_xticklabels(classes, rotation=45, ha="right")
+    ax.set_yticklabels(classes)
+    for (i, j), n in np.ndenumerate(matrix):
+        ax.text(j, i, str(n), ha="center", va="center", color="white" if n > matrix.max() / 2 else "black")
+    ax.set_title("test confusion matrix")
+    return _save(fig, path)
+
+
+def plot_curves(histories: dict[str, list[dict[str, float]]], metric: str, path: Path) -> Path:
+    """Validation metric and train loss per epoch, stages laid end to end."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    offset = 0
+    for stage, rows in histories.items():
+        x = [offset + r["epoch"] for r in rows]
+        left.plot(x, [r[f"val_{metric}"] for r in rows], marker="o", label=stage)
+        right.plot(x, [r["train_loss"] for r in rows], marker="o", label=stage)
+        offset = x[-1] if x else offset
+    left.set(title=f"validation {metric}", xlabel="epoch (cumulative)")
+    right.set(title="train loss", xlabel="epoch (cumulative)")
+    left.legend()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@task(**LIVE)
+def baselines(
+    adapter: Any,
+    train_items: list[Any],
+    train_labels: list[int],
+    test_items: list[Any],
+    test_labels: list[int],
+    features: dict[str, torch.Tensor] | None,
+    n_classes: int,
+) -> dict[str, dict[str, float]]:
+    """The classical baseline of the modality (TF-IDF + LR for text) and a linear probe on frozen features."""
+    eye = np.eye(n_classes)
+    out = {"classical": scores(test_labels, eye[adapter.classical_baseline(train_items, train_labels, test_items)])}
+    if features is not None:
+        probe = LogisticRegression(max_iter=3000, C=1.0).fit(features["train"].numpy(), train_labels)
+        out["frozen_probe"] = scores(test_labels, eye[probe.predict(features["test"].numpy())])
+    return out

@@ -1,0 +1,183 @@
+"""Backbone loading and the staged fine-tuning tasks.
+
+Each stage writes `stages/<name>/final.safetensors` and a `done.json` marker when it completes, so a
+re-run of the same config on the same data skips finished stages and starts from the last one's weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import BackboneConfig, StageConfig, TrainingConfig
+from models.adapters import make_adapter
+from models.backbone import Adapter, TransferModel
+from models.batching import Batches, by_length, feature_batches, shuffled
+from models.stages import StageSpec, frozen_features, train_stage
+from models.trainer import FitPlan, load_state, save_state, seed_everything
+from tasks.data import Dataset
+from tasks.tracking import Tracker
+
+LIVE = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training.device is 'cuda' but no CUDA device is visible")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def use_bf16(requested: bool | None, device: str) -> bool:
+    supported = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    return supported if requested is None else requested and supported
+
+
+@task(**LIVE)
+def load_backbone(
+    cfg: BackboneConfig, modality: str, num_labels: int, tracker: Tracker, workdir: Path
+) -> tuple[Adapter, TransferModel]:
+    """Resolve the backbone URI (registry, dir, package, hub id) and build encoder + fresh head."""
+    source = cfg.uri
+    if source.startswith("models:/"):
+        source = str(tracker.download(source, workdir / "backbone"))
+    adapter = make_adapter(modality, max_length=cfg.max_length, image_size=cfg.image_size)
+    return adapter, adapter.build(source, num_labels)
+
+
+@dataclass
+class Encoded:
+    """The dataset after the adapter's one-time encoding (token ids, or decoded images)."""
+
+    train: tuple[list[Any], list[int]]
+    validation: tuple[list[Any], list[int]]
+    test: tuple[list[Any], list[int]]
+
+    def batches(
+        self, adapter: Adapter, split: str, batch_size: int, seed: int | None = None, sort: bool = False
+    ) -> Batches:
+        """Training batches shuffled by `seed`; evaluation batches in order, or length-sorted with `sort`."""
+        examples, labels = getattr(self, split)
+        order = shuffled(len(labels), seed) if seed is not None else by_length(examples) if sort else None
+        return Batches(examples, labels, batch_size, lambda rows: adapter.collate(rows, seed is not None), order)
+
+
+@task(**LIVE)
+def encode(adapter: Adapter, dataset: Dataset) -> Encoded:
+    return Encoded(
+        *((adapter.encode(dataset.split(s).items), dataset.split(s).labels) for s in ("train", "validation", "test"))
+    )
+
+
+@task(**LIVE)
+def extract_frozen_features(
+    model: TransferModel, adapter: Adapter, data: Encoded, batch_size: int, device: str
+) -> dict[str, torch.Tensor]:
+    """The pretrained encoder's pooled features per split: the probe trains on these, the probe baseline too."""
+    model.to(device)
+    out = {}
+    for split in ("train", "validation", "test"):
+        batches = data.batches(adapter, split, batch_size, sort=True)
+        computed = frozen_features(model, batches, device, title=f"features {split}")
+        out[split] = torch.empty_like(computed)
+        out[split][torch.as_tensor(batches.order)] = computed  # back to the split's own order
+    return out
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    kind: str
+    best_epoch: int
+    best_metric: float
+    seconds: float
+    samples_per_second: float
+    history: list[dict[str, float]]
+    step_losses: list[tuple[int, float]]
+    resumed: bool = False
+
+
+def stage_dir(workdir: Path, stage: StageConfig) -> Path:
+    return workdir / "stages" / stage.label
+
+
+def finished(workdir: Path, stage: StageConfig) -> StageOutcome | None:
+    marker = stage_dir(workdir, stage) / "done.json"
+    if not (marker.is_file() and (stage_dir(workdir, stage) / "final.safetensors").is_file()):
+        return None
+    return StageOutcome(**{**json.loads(marker.read_text()), "resumed": True})
+
+
+@task(**LIVE)
+def run_stage(
+    model: TransferModel,
+    adapter: Adapter,
+    data: Encoded,
+    features: dict[str, torch.Tensor] | None,
+    stage: StageConfig,
+    index: int,
+    training: TrainingConfig,
+    metric: str,
+    device: str,
+    workdir: Path,
+    tracker: Tracker,
+    stage_run_id: str,
+) -> StageOutcome:
+    """Train one stage in place (probe: on cached features), log each epoch, mark it done."""
+    seed = training.seed + index
+    seed_everything(seed)
+    model.to(device)
+    spec = StageSpec(**stage.model_dump(exclude={"name"}))
+    bf16 = use_bf16(training.bf16, device)
+    plan = FitPlan(
+        epochs=stage.epochs,
+        grad_accum_steps=training.grad_accum_steps,
+        max_grad_norm=training.max_grad_norm,
+        metric=metric,
+        device=device,
+        bf16=bf16,
+    )
+    if stage.kind == "probe":
+        if features is None:
+            raise ValueError("probe stage needs the frozen features")
+        labels = data.train[1]
+        train = lambda epoch: feature_batches(features["train"], labels, training.batch_size, seed * 1000 + epoch)  # noqa: E731
+        val = feature_batches(features["validation"], data.validation[1], training.eval_batch_size, None)
+    else:
+        train = lambda epoch: data.batches(adapter, "train", training.batch_size, seed * 1000 + epoch)  # noqa: E731
+        val = data.batches(adapter, "validation", training.eval_batch_size, sort=True)
+
+    def log_epoch(row: dict[str, float]) -> None:
+        step = int(row["epoch"])
+        tracker.log_metrics(stage_run_id, [(k, v, step) for k, v in row.items() if k != "epoch"])
+
+    out = stage_dir(workdir, stage)
+    result = train_stage(
+        model, spec, train, val, plan, out / "best.safetensors", adapter.lora_targets, log_epoch, stage.label
+    )
+    tracker.log_metrics(stage_run_id, [("step_loss", loss, step) for step, loss in result.step_losses])
+    save_state(model, out / "final.safetensors")
+    outcome = StageOutcome(
+        stage.label,
+        stage.kind,
+        result.best_epoch,
+        result.best_metric,
+        result.seconds,
+        result.samples_per_second,
+        result.history,
+        result.step_losses,
+    )
+    (out / "done.json").write_text(json.dumps(asdict(outcome), indent=2))
+    return outcome
+
+
+def restore_stage(model: TransferModel, workdir: Path, stage: StageConfig) -> None:
+    """Load a finished stage's final weights (LoRA is already merged in them)."""
+    load_state(model, stage_dir(workdir, stage) / "final.safetensors")

@@ -1,0 +1,47 @@
+"""Saving the fine-tuned model as a self-describing directory and registering it in MLflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+
+from models.backbone import Adapter, TransferModel, save_model
+from tasks.finetune import LIVE
+from tasks.tracking import Tracker
+
+FORMAT_VERSION = 1
+
+
+def write_model_dir(
+    model: TransferModel, adapter: Adapter, classes: list[str], backbone: str, example: list[Any], out: Path
+) -> Path:
+    """encoder/ + head + preprocessing + transflow.json + signature and input example (JSON, no pickle)."""
+    model.cpu().eval()
+    preprocessing = adapter.save_preprocessing(out)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "modality": adapter.modality,
+        "classes": classes,
+        "backbone": backbone,
+        "preprocessing": preprocessing,
+        "inputs": adapter.input_names,
+        "outputs": ["logits"],
+    }
+    save_model(model, out, meta)
+    signature = {
+        "inputs": [{"name": name, "type": adapter.input_dtype} for name in adapter.input_names],
+        "outputs": [{"name": "logits", "type": "float32", "shape": [-1, len(classes)]}],
+    }
+    (out / "signature.json").write_text(json.dumps(signature, indent=2) + "\n")
+    (out / "input_example.json").write_text(json.dumps({"inputs": [str(x) for x in example]}, indent=2) + "\n")
+    return out
+
+
+@task(retries=2, retry_delay_seconds=5, **LIVE)
+def register_model(tracker: Tracker, run_id: str, model_dir: Path, model_name: str, tags: dict[str, str]) -> str:
+    """Upload the model directory to the run and register it (idempotent by run id) as `challenger`."""
+    tracker.log_artifacts(run_id, model_dir, "model")
+    return tracker.register(run_id, model_name, "model", tags)

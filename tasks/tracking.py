@@ -1,0 +1,162 @@
+"""The only module that calls MLflow. Runs are addressed by explicit `run_id` (MLflow's active run is
+thread-local, and Prefect tasks may run in other threads); metrics go in batches.
+
+Default store: `mlflow/store/mlflow.db` (sqlite) with artifacts in `mlflow/store/artifacts`;
+`registry.tracking_uri` or `MLFLOW_TRACKING_URI` switch to a shared `mlflow server`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STORE = Path("mlflow/store")
+CHALLENGER = "challenger"
+LINEAGE_KEYS = ("data_version", "git_commit", "git_dirty", "config_hash", "backbone")
+
+
+def resolve_tracking_uri(configured: str | None = None) -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    DEFAULT_STORE.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{DEFAULT_STORE.resolve() / 'mlflow.db'}"
+
+
+@dataclass(frozen=True)
+class Tracker:
+    """A tracking URI and the calls the pipeline needs; cheap to pass between tasks."""
+
+    uri: str
+
+    @property
+    def client(self) -> Any:
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def experiment_id(self, name: str) -> str:
+        client = self.client
+        found = client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in ./mlruns
+            location = (Path(self.uri.removeprefix("sqlite:///")).resolve().parent / "artifacts").as_uri()
+        return client.create_experiment(name, artifact_location=location)
+
+    def start_run(self, experiment: str, name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+        tags = dict(tags)
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
+        return self.client.create_run(self.experiment_id(experiment), run_name=name, tags=tags).info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100], synchronous=True)
+
+    def log_metrics(self, run_id: str, rows: list[tuple[str, float, int]]) -> None:
+        """Many (key, value, step) points in as few calls as MLflow allows (1000 per batch)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, int(step)) for k, v, step in rows]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(run_id, metrics=metrics[i : i + 1000], synchronous=True)
+
+    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], synchronous=True)
+
+    def log_artifacts(self, run_id: str, local: Path, artifact_path: str | None = None) -> None:
+        if local.is_dir():
+            self.client.log_artifacts(run_id, str(local), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(local), artifact_path)
+
+    def register(self, run_id: str, model_name: str, artifact_path: str, tags: dict[str, str]) -> str:
+        """Register `runs:/<run_id>/<artifact_path>` as a new version with alias `challenger`.
+
+        Idempotent by run id: a retried or re-run registration returns the version it made before.
+        """
+        from mlflow.exceptions import MlflowException
+
+        client = self.client
+        try:
+            client.create_registered_model(model_name, description="Registered by transflow.")
+        except MlflowException as exc:
+            if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+                raise
+        existing = client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
+        if existing:
+            version = existing[0].version
+        else:
+            source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+            version = client.create_model_version(model_name, source, run_id=run_id, tags=tags).version
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, version, key, value)
+        client.set_registered_model_alias(model_name, CHALLENGER, version)
+        return str(version)
+
+    def log_onnx(self, run_id: str, onnx_path: Path, workdir: Path, artifact_path: str = "onnx") -> None:
+        """Log an ONNX file in MLflow's onnx flavour (MLmodel + model.onnx, no pickle) under the run."""
+        import shutil
+
+        import mlflow.onnx
+        import onnx
+
+        out = workdir / artifact_path
+        shutil.rmtree(out, ignore_errors=True)
+        mlflow.onnx.save_model(onnx.load(str(onnx_path)), str(out))
+        self.log_artifacts(run_id, out, artifact_path)
+
+    def tag_version(self, model_name: str, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(model_name, version, key, value)
+
+    def version_tags(self, model_name: str, version: str) -> dict[str, str]:
+        return dict(self.client.get_model_version(model_name, version).tags)
+
+    def download(self, model_uri: str, dst: Path) -> Path:
+        """Fetch `models:/name@alias` (or `models:/name/3`, `runs:/…`) into `dst`."""
+        import mlflow.artifacts
+
+        dst.mkdir(parents=True, exist_ok=True)
+        if model_uri.startswith("models:/"):  # resolve through this registry, not MLflow's global one
+            model_uri = self.client.get_model_version_download_uri(*self.resolve_version(model_uri))
+        return Path(
+            mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst), tracking_uri=self.uri)
+        )
+
+    def resolve_version(self, model_uri: str) -> tuple[str, str]:
+        """`models:/name@alias` or `models:/name/N` → (name, version)."""
+        name, _, ref = model_uri.removeprefix("models:/").partition("@")
+        if ref:
+            return name, str(self.client.get_model_version_by_alias(name, ref).version)
+        name, _, number = name.rpartition("/")
+        return name, number
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}, 'c': [{'d': 2}]} → {'a.b': 1, 'c.0.d': 2}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{name}."))
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, item in enumerate(value):
+                out.update(flatten(item, f"{name}.{i}."))
+        else:
+            out[name] = value
+    return out
