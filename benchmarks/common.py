@@ -58,7 +58,7 @@ def write_result(name: str, results: dict[str, Any]) -> Path:
 def latest_run_dir(root: Path = Path("runs")) -> Path:
     """The most recent retrain run directory that has an exported bundle."""
     candidates = sorted(
-        (p.parent.parent for p in root.glob("*/export/bundle/manifest.json")), key=lambda p: p.stat().st_mtime
+        (p.parents[2] for p in root.glob("*/export/bundle/manifest.json")), key=lambda p: p.stat().st_mtime
     )
     if not candidates:
         raise SystemExit(f"no exported run under {root}/: run `make demo` first")

@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli_edge import edge_app
 from flows.config import ConfigError, DataConfig, load_config
 
 console = Console()
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Prepare, verify and inspect the DVC-versioned datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+app.add_typer(edge_app, name="edge")
 
 CONFIG_OPT = typer.Option(..., "--config", "-c", help="YAML run config (see configs/).")
 SET_OPT = typer.Option([], "--set", help="Override a config value: --set training.seed=7 (repeatable).")
