@@ -54,7 +54,8 @@ def run(run_dir: Path, n_batch1: int, n_batch32: int, accuracy_limit: int | None
     adapter, model, _ = load_model_dir(run_dir / "model")
     bundle = verify_bundle(run_dir / "export" / "bundle")
     test = load_dataset(cfg.data, seed=cfg.training.seed).test
-    texts, labels = test.items, np.asarray(test.labels)
+    mixed = np.random.default_rng(0).permutation(len(test.items))  # split files are grouped by label
+    texts, labels = [test.items[i] for i in mixed], np.asarray(test.labels)[mixed]
     sessions = {"onnx_fp32": session(bundle.path("model.onnx"), threads)}
     if "model.int8.onnx" in bundle.manifest["files"]:
         sessions["onnx_int8"] = session(bundle.path("model.int8.onnx"), threads)

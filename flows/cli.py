@@ -151,6 +151,20 @@ def run(
     retrain(str(config), list(overrides), str(summary) if summary else None, fresh)
 
 
+@app.command("pretrain")
+def pretrain(config: Path = CONFIG_OPT, overrides: list[str] = SET_OPT) -> None:
+    """Pretrain a backbone (MIM or supervised for ViT, MLM for text) and register it as NAME@latest."""
+    from flows.config import load_pretrain_config
+
+    try:
+        load_pretrain_config(config, overrides)
+    except ConfigError as exc:
+        fail(str(exc))
+    from flows.pretrain import pretrain_flow
+
+    pretrain_flow(str(config), list(overrides))
+
+
 @app.command("export")
 def export(
     model: str = typer.Argument(..., help="Registered version: NAME@ALIAS, NAME/VERSION or models:/…"),

@@ -51,7 +51,10 @@ class BackboneConfig(_Strict):
         "'models:/name@alias' from the MLflow registry, or 'torchvision:<arch>:<weights.pth>'.",
     )
     max_length: int = Field(default=128, ge=8, le=4096, description="Text: truncate to this many tokens.")
-    image_size: int = Field(default=32, ge=8, le=1024, description="Vision: square input size in pixels.")
+    image_size: int = Field(default=224, ge=8, le=1024, description="Vision: square input size in pixels.")
+    hflip: bool = Field(default=True, description="Vision: random horizontal flips in training (off for digits, text).")
+    mean: list[float] | None = Field(default=None, description="Vision: normalisation mean (default: backbone's).")
+    std: list[float] | None = Field(default=None, description="Vision: normalisation std (default: backbone's).")
 
 
 StageKind = Literal["probe", "partial", "full", "lora"]
@@ -188,6 +191,10 @@ def _index(node: list[Any], key: str, where: str) -> int:
 
 def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read, override and validate a YAML run config; errors name the file and each bad key."""
+    return _load(path, overrides, RunConfig)  # type: ignore[return-value]
+
+
+def _load(path: Path | str, overrides: list[str] | tuple[str, ...], schema: type[BaseModel]) -> BaseModel:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -200,7 +207,7 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     for assignment in overrides:
         apply_override(tree, assignment)
     try:
-        return RunConfig.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(path, exc)) from None
 
@@ -214,3 +221,36 @@ def format_validation_error(path: Path, exc: ValidationError) -> str:
         else:
             lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)
+
+
+class PretrainSettings(_Strict):
+    """The self-supervised (or supervised source-task) objective and its budget."""
+
+    objective: Literal["mim", "mlm", "supervised"]
+    epochs: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.05, ge=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    mask_ratio: float = Field(default=0.5, gt=0, lt=1, description="mim: share of patches hidden; mlm: of tokens.")
+
+
+class PretrainConfig(_Strict):
+    """A pretraining run: its result is registered as a backbone model (alias `latest`)."""
+
+    name: str = "pretrain"
+    output_dir: Path = Path("runs")
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    pretrain: PretrainSettings
+    training: TrainingConfig = TrainingConfig()
+    registry: RegistryConfig = RegistryConfig(model_name="backbone")
+
+    def resolved(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def config_hash(self) -> str:
+        return config_hash(self.resolved())
+
+
+def load_pretrain_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
+    return _load(path, overrides, PretrainConfig)  # type: ignore[return-value]

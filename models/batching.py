@@ -39,9 +39,9 @@ class Batches(Sequence[Batch]):
             yield self[i]
 
 
-def by_length(examples: Sequence[Any]) -> list[int]:
+def by_length(examples: Sequence[Any], length: Callable[[Any], int]) -> list[int]:
     """Indices sorted by example length: inference batches of similar lengths pad far less."""
-    return sorted(range(len(examples)), key=lambda i: len(examples[i]))
+    return sorted(range(len(examples)), key=lambda i: length(examples[i]))
 
 
 def shuffled(n: int, seed: int) -> list[int]:

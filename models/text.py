@@ -125,6 +125,11 @@ class TextAdapter:
     def __init__(self, max_length: int = 128):
         self.max_length = max_length
         self.tokenizer = None
+        self.source_dir: str | None = None
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> TextAdapter:
+        return cls(max_length=settings.get("max_length") or 128)
 
     def build(self, source: str, num_labels: int) -> TransferModel:
         from transformers import AutoModel, AutoTokenizer
@@ -132,6 +137,7 @@ class TextAdapter:
         from models.backbone import BackboneError, TransferModel
 
         resolved = resolve_text_source(source)
+        self.source_dir = resolved
         try:
             encoder = AutoModel.from_pretrained(resolved)
             self.tokenizer = AutoTokenizer.from_pretrained(_tokenizer_source(source, resolved), use_fast=True)
@@ -146,6 +152,9 @@ class TextAdapter:
             items, truncation=True, max_length=self.max_length, return_attention_mask=False, return_token_type_ids=False
         )
         return out["input_ids"]
+
+    def length(self, example: list[int]) -> int:
+        return len(example)
 
     def collate(self, examples: list[list[int]], train: bool = False) -> dict[str, torch.Tensor]:
         longest = max(len(ids) for ids in examples)

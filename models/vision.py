@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from models.backbone import TransferModel
 
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val"), "test": ("test",)}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -78,3 +85,191 @@ def read_npy_split(root: Path, split: str) -> tuple[list[np.ndarray], list[str]]
     if indices.size and (indices.min() < 0 or indices.max() >= len(classes)):
         raise ImageDataError(f"{labels_path}: label index outside classes.json ({len(classes)} classes)")
     return list(images), [classes[int(i)] for i in indices]
+
+
+# --- the adapter: image transforms, ViT backbone, CLS pooling ----------------------------------
+
+SCRATCH_VITS = {
+    # name: (hidden, layers, heads, mlp, patch) — small enough to pretrain on a 2-core CPU
+    "vit-tiny": (128, 4, 4, 256, 7),
+    "vit-small": (192, 6, 3, 768, 4),
+}
+DEFAULT_MEAN, DEFAULT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+class ClsPool(torch.nn.Module):
+    """The [CLS] token's final state: what ViT classifiers read."""
+
+    def forward(self, hidden: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return hidden[:, 0]
+
+
+def scratch_vit(name: str, image_size: int) -> Any:
+    """A randomly initialised ViT (`scratch:vit-tiny`): the from-scratch baseline and the pretraining start."""
+    from transformers import ViTConfig, ViTModel
+
+    if name not in SCRATCH_VITS:
+        raise ValueError(f"unknown scratch ViT {name!r}; choose from {sorted(SCRATCH_VITS)}")
+    hidden, layers, heads, mlp, patch = SCRATCH_VITS[name]
+    if image_size % patch:
+        patch = next(p for p in (8, 7, 4, 2, 1) if image_size % p == 0)
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=patch,
+        num_channels=3,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=mlp,
+        encoder_stride=patch,
+    )
+    return ViTModel(config, add_pooling_layer=False)
+
+
+def load_image(item: Any) -> Image.Image:
+    """A path or an HxW[xC] uint8 array → an RGB PIL image (grayscale replicated, alpha dropped)."""
+    from PIL import Image
+
+    img = Image.open(item) if isinstance(item, (str, Path)) else Image.fromarray(np.asarray(item))
+    return img.convert("RGB")
+
+
+class VisionAdapter:
+    """Images stay as they are until a batch needs them: decoded, resized (PIL bilinear, exactly what the
+    edge does), augmented at train time (torchvision.transforms.v2), normalised."""
+
+    modality = "image"
+    lora_targets: ClassVar[list[str]] = ["query", "value"]
+    input_names: ClassVar[list[str]] = ["pixel_values"]
+    input_dtype = "float32"
+
+    def __init__(self, image_size: int = 224, hflip: bool = True, mean: tuple = DEFAULT_MEAN, std: tuple = DEFAULT_STD):
+        self.image_size, self.hflip = image_size, hflip
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> VisionAdapter:
+        keys = ("image_size", "hflip", "mean", "std")
+        return cls(**{k: settings[k] for k in keys if settings.get(k) is not None})
+
+    def build(self, source: str, num_labels: int) -> TransferModel:
+        from models.backbone import BackboneError, TransferModel
+
+        try:
+            encoder = self._encoder(source)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise BackboneError(f"cannot load vision backbone {source!r}: {exc}") from None
+        size = getattr(encoder.config, "image_size", self.image_size)
+        if size != self.image_size:
+            self.image_size = int(size)  # the backbone's position embeddings fix the input size
+        return TransferModel(encoder, ClsPool(), encoder.config.hidden_size, num_labels)
+
+    def _encoder(self, source: str) -> Any:
+        from models.backbone import ENCODER_DIR, MODEL_META, BackboneError
+
+        if source.startswith("scratch:"):
+            return scratch_vit(source.removeprefix("scratch:"), self.image_size)
+        if source.startswith("torchvision:"):
+            from models.torchvision_backbone import IMAGENET_MEAN, IMAGENET_STD, load_torchvision
+
+            if self.mean == DEFAULT_MEAN and self.std == DEFAULT_STD:
+                self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+            return load_torchvision(source, self.image_size)
+        path = Path(source).expanduser()
+        if (path / MODEL_META).is_file():
+            meta = json.loads((path / MODEL_META).read_text())
+            self._adopt(meta.get("preprocessing", {}))
+            path = path / ENCODER_DIR
+        elif not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+            raise BackboneError(f"backbone path {source} does not exist")
+        if (path / "torchvision.json").is_file():
+            from models.torchvision_backbone import TorchvisionEncoder
+
+            return TorchvisionEncoder.from_pretrained(path)
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise BackboneError(f"{path}: not a model directory (no config.json)")
+        self._adopt_processor(path)
+        from transformers import AutoModel
+
+        return AutoModel.from_pretrained(str(path), add_pooling_layer=False)
+
+    def _adopt(self, pre: dict[str, Any]) -> None:
+        self.mean, self.std = tuple(pre.get("mean", self.mean)), tuple(pre.get("std", self.std))
+        self.hflip = pre.get("hflip", self.hflip)
+
+    def _adopt_processor(self, path: Path) -> None:
+        """Use the checkpoint's own normalisation when it ships a preprocessor_config.json."""
+        config = path / "preprocessor_config.json"
+        if config.is_file():
+            spec = json.loads(config.read_text())
+            self.mean = tuple(spec.get("image_mean", self.mean))
+            self.std = tuple(spec.get("image_std", self.std))
+
+    def encode(self, items: list[Any]) -> list[Any]:
+        return list(items)
+
+    def pixels(self, item: Any, train: bool) -> torch.Tensor:
+        from PIL import Image
+        from torchvision.transforms import v2
+
+        img = load_image(item)
+        if train:
+            ops = [v2.RandomResizedCrop(self.image_size, scale=(0.7, 1.0), antialias=True)]
+            ops += [v2.RandomHorizontalFlip()] if self.hflip else []
+            ops += [v2.ColorJitter(brightness=0.2, contrast=0.2)]
+            img = v2.Compose(ops)(img)
+        else:
+            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+
+    def length(self, example: Any) -> int:
+        return 0  # every image becomes image_size × image_size: nothing to gain from sorting
+
+    def collate(self, examples: list[Any], train: bool = False) -> dict[str, torch.Tensor]:
+        return {"pixel_values": torch.stack([self.pixels(item, train) for item in examples])}
+
+    def settings(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "hflip": self.hflip, "mean": list(self.mean), "std": list(self.std)}
+
+    def save_preprocessing(self, out: Path) -> dict[str, Any]:
+        return {**self.settings(), "resize": "bilinear", "channels": 3, "pooling": "cls"}
+
+    def export_preprocessing(self, out: Path) -> dict[str, Any]:
+        return {
+            "modality": "image",
+            "image_size": self.image_size,
+            "resize": "bilinear",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "channels": 3,
+            "inputs": list(self.input_names),
+        }
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {"pixel_values": {0: "batch"}}
+
+    def golden_input(self, item: Any) -> str:
+        """Base64 PNG of the original image, as a client would send it."""
+        import base64
+        import io
+
+        if isinstance(item, (str, Path)):
+            return base64.b64encode(Path(item).read_bytes()).decode()
+        buf = io.BytesIO()
+        load_image(item).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    def classical_baseline(self, train: list[Any], train_y: list[int], test: list[Any]) -> list[int]:
+        """Logistic regression on 16×16 grayscale pixels: what a model must beat to have learned anything."""
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        def flat(items: list[Any]) -> np.ndarray:
+            return np.stack(
+                [np.asarray(load_image(i).convert("L").resize((16, 16)), np.float32).ravel() for i in items]
+            )
+
+        pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        return pipe.fit(flat(train), train_y).predict(flat(test)).tolist()

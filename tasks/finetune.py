@@ -48,7 +48,7 @@ def load_backbone(
     source = cfg.uri
     if source.startswith("models:/"):
         source = str(tracker.download(source, workdir / "backbone"))
-    adapter = make_adapter(modality, max_length=cfg.max_length, image_size=cfg.image_size)
+    adapter = make_adapter(modality, cfg.model_dump())
     return adapter, adapter.build(source, num_labels)
 
 
@@ -65,7 +65,11 @@ class Encoded:
     ) -> Batches:
         """Training batches shuffled by `seed`; evaluation batches in order, or length-sorted with `sort`."""
         examples, labels = getattr(self, split)
-        order = shuffled(len(labels), seed) if seed is not None else by_length(examples) if sort else None
+        order = None
+        if seed is not None:
+            order = shuffled(len(labels), seed)
+        elif sort:
+            order = by_length(examples, adapter.length)
         return Batches(examples, labels, batch_size, lambda rows: adapter.collate(rows, seed is not None), order)
 
 

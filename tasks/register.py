@@ -45,3 +45,15 @@ def register_model(tracker: Tracker, run_id: str, model_dir: Path, model_name: s
     """Upload the model directory to the run and register it (idempotent by run id) as `challenger`."""
     tracker.log_artifacts(run_id, model_dir, "model")
     return tracker.register(run_id, model_name, "model", tags)
+
+
+def write_backbone_dir(encoder: Any, adapter: Adapter, meta: dict[str, Any], out: Path) -> Path:
+    """A pretrained backbone in the layout every adapter loads: encoder/ + preprocessing + transflow.json."""
+    from models.backbone import ENCODER_DIR, MODEL_META
+
+    out.mkdir(parents=True, exist_ok=True)
+    encoder.cpu().save_pretrained(out / ENCODER_DIR, safe_serialization=True)
+    meta = {"format_version": FORMAT_VERSION, "kind": "backbone", "modality": adapter.modality, **meta}
+    meta["preprocessing"] = adapter.save_preprocessing(out)
+    (out / MODEL_META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return out

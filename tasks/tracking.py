@@ -84,8 +84,10 @@ class Tracker:
         else:
             self.client.log_artifact(run_id, str(local), artifact_path)
 
-    def register(self, run_id: str, model_name: str, artifact_path: str, tags: dict[str, str]) -> str:
-        """Register `runs:/<run_id>/<artifact_path>` as a new version with alias `challenger`.
+    def register(
+        self, run_id: str, model_name: str, artifact_path: str, tags: dict[str, str], alias: str = CHALLENGER
+    ) -> str:
+        """Register `runs:/<run_id>/<artifact_path>` as a new version with `alias` (default `challenger`).
 
         Idempotent by run id: a retried or re-run registration returns the version it made before.
         """
@@ -105,7 +107,8 @@ class Tracker:
             version = client.create_model_version(model_name, source, run_id=run_id, tags=tags).version
         for key, value in tags.items():
             client.set_model_version_tag(model_name, version, key, value)
-        client.set_registered_model_alias(model_name, CHALLENGER, version)
+        if alias.lower() != "latest":  # MLflow reserves @latest: it always means the newest version
+            client.set_registered_model_alias(model_name, alias, version)
         return str(version)
 
     def log_onnx(self, run_id: str, onnx_path: Path, workdir: Path, artifact_path: str = "onnx") -> None:
@@ -141,6 +144,11 @@ class Tracker:
     def resolve_version(self, model_uri: str) -> tuple[str, str]:
         """`models:/name@alias` or `models:/name/N` → (name, version)."""
         name, _, ref = model_uri.removeprefix("models:/").partition("@")
+        if ref.lower() == "latest":
+            versions = self.client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise ValueError(f"registered model {name!r} has no versions")
+            return name, str(max(int(v.version) for v in versions))
         if ref:
             return name, str(self.client.get_model_version_by_alias(name, ref).version)
         name, _, number = name.rpartition("/")
