@@ -139,7 +139,7 @@ class VisionAdapter:
     edge does), augmented at train time (torchvision.transforms.v2), normalised."""
 
     modality = "image"
-    lora_targets: ClassVar[list[str]] = ["query", "value"]
+    lora_targets: ClassVar[list[str]] = ["q_proj", "v_proj", "query", "value"]  # transformers 5 and 4 names
     input_names: ClassVar[list[str]] = ["pixel_values"]
     input_dtype = "float32"
 
