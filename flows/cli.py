@@ -165,6 +165,25 @@ def pretrain(config: Path = CONFIG_OPT, overrides: list[str] = SET_OPT) -> None:
     pretrain_flow(str(config), list(overrides))
 
 
+experiment_app = typer.Typer(help="Reproducible experiments.", no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("transfer")
+def experiment_transfer(
+    config: Path = typer.Option(Path("configs/vision-digits.yaml"), "--config", "-c", help="Base run config."),
+    overrides: list[str] = SET_OPT,
+    target: list[str] = typer.Option([], help="digits, fashion-1pct, fashion-10pct (default: all)."),
+    init: list[str] = typer.Option([], help="scratch, mim, supervised (default: all)."),
+    pretrain: bool = typer.Option(True, help="Pretrain the backbones first (else reuse the registered @latest)."),
+    out: Path = typer.Option(Path("runs/experiments/transfer"), help="Where the table goes."),
+) -> None:
+    """Pretrained vs from-scratch ViT on low-resource targets, staged vs single full fine-tune: one table."""
+    from flows.experiment import transfer_experiment
+
+    transfer_experiment(str(config), target or None, init or None, list(overrides), str(out), pretrain)
+
+
 @app.command("export")
 def export(
     model: str = typer.Argument(..., help="Registered version: NAME@ALIAS, NAME/VERSION or models:/…"),

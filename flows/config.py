@@ -105,6 +105,7 @@ class RegistryConfig(_Strict):
     model_name: str = Field(default="tweets-sentiment", min_length=1)
     experiment: str = "transflow"
     tracking_uri: str | None = Field(default=None, description="None: MLFLOW_TRACKING_URI or the local store.")
+    enabled: bool = Field(default=True, description="Register (and export) the model; off for experiments.")
     auto_promote: bool = False
     margin: float = 0.0
 

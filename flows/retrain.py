@@ -153,20 +153,21 @@ def _train_evaluate_register(cfg, tracker, run_id, dataset, adapter, model, enco
 
     (workdir / "config.json").write_text(json.dumps(cfg.resolved(), indent=2) + "\n")
     tracker.log_artifacts(run_id, workdir / "config.json")
-    model_dir = write_model_dir(
-        model, adapter, dataset.classes, cfg.backbone.uri, dataset.test.items[:2], workdir / "model"
-    )
-    tags = tracker.client.get_run(run_id).data.tags
-    version_tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.")} | {
-        f"test_{metric}": f"{final[metric]:.4f}",
-        "classes": json.dumps(dataset.classes),
-    }
-    version = register_model(tracker, run_id, model_dir, cfg.registry.model_name, version_tags)
-    exported = None
-    if cfg.export.enabled:
-        exported = export_and_log(
-            cfg, tracker, run_id, version, model, adapter, encoded, dataset, version_tags, final["logits"], workdir
+    version, exported = None, None
+    if cfg.registry.enabled:
+        model_dir = write_model_dir(
+            model, adapter, dataset.classes, cfg.backbone.uri, dataset.test.items[:2], workdir / "model"
         )
+        tags = tracker.client.get_run(run_id).data.tags
+        version_tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.")} | {
+            f"test_{metric}": f"{final[metric]:.4f}",
+            "classes": json.dumps(dataset.classes),
+        }
+        version = register_model(tracker, run_id, model_dir, cfg.registry.model_name, version_tags)
+        if cfg.export.enabled:
+            exported = export_and_log(
+                cfg, tracker, run_id, version, model, adapter, encoded, dataset, version_tags, final["logits"], workdir
+            )
     return {
         "export": exported,
         "run_id": run_id,
@@ -237,6 +238,9 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
             f"bundle {e['bundle_tar']} (sha256 {e['bundle_sha256'][:12]}), default {e['default_model']}; "
             f"fp32 parity max |Δ| {e['fp32_max_abs_diff']:.1e}; {e['int8_reason']}"
         )
+    if summary["model_version"] is None:
+        console.print(f"not registered (registry.enabled: false); run {summary['run_id']}\nsummary: {path}")
+        return
     console.print(
         f"registered [bold]{summary['model_name']}[/] version {summary['model_version']} (alias challenger), "
         f"data {summary['data_version'][:12]}, run {summary['run_id']}, {summary['seconds']:.0f}s\nsummary: {path}"

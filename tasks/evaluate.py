@@ -96,3 +96,21 @@ def baselines(
         probe = LogisticRegression(max_iter=3000, C=1.0).fit(features["train"].numpy(), train_labels)
         out["frozen_probe"] = scores(test_labels, eye[probe.predict(features["test"].numpy())])
     return out
+
+
+def plot_transfer(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Grouped bars: test accuracy per target, one bar per init × schedule."""
+    targets = sorted({r["target"] for r in rows})
+    arms = sorted({(r["init"], r["schedule"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6.0, 2.2 * len(targets)), 4))
+    width = 0.8 / len(arms)
+    for k, arm in enumerate(arms):
+        values = [
+            next((r["test_accuracy"] for r in rows if (r["target"], r["init"], r["schedule"]) == (t, *arm)), 0.0)
+            for t in targets
+        ]
+        ax.bar([i + k * width for i in range(len(targets))], values, width, label=f"{arm[0]} · {arm[1]}")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(targets))], targets)
+    ax.set(ylabel="test accuracy", ylim=(0, 1), title="transfer vs from scratch")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
