@@ -5,7 +5,6 @@ Heavy libraries (torch, mlflow, prefect) are imported inside commands so `--help
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -202,9 +201,6 @@ def export(
 
 
 def main() -> None:
-    # Prefect's local server phones home by default; this product runs offline.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
     app()
 
 

@@ -42,7 +42,9 @@ def run_pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     dataset = data_tasks.load_dataset(cfg.data, seed=cfg.training.seed)
     tracker = Tracker(resolve_tracking_uri(cfg.registry.tracking_uri))
     workdir = cfg.output_dir / f"{cfg.name}-{version[:8]}-{cfg.config_hash()[:8]}"
-    adapter, model = load_backbone(cfg.backbone, cfg.data.modality, len(dataset.classes), tracker, workdir)
+    adapter, model = load_backbone(
+        cfg.backbone, cfg.data.modality, len(dataset.classes), tracker, workdir, cfg.training.seed
+    )
     encoded = encode(adapter, dataset)
     device = resolve_device(cfg.training.device)
     lineage = collect_lineage(cfg.data.dvc_file, cfg.config_hash()) | {

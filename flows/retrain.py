@@ -75,7 +75,9 @@ def run_retrain(cfg: RunConfig, summary_path: Path | None = None, fresh: bool = 
         import shutil
 
         shutil.rmtree(workdir / "stages")
-    adapter, model = load_backbone(cfg.backbone, cfg.data.modality, len(dataset.classes), tracker, workdir)
+    adapter, model = load_backbone(
+        cfg.backbone, cfg.data.modality, len(dataset.classes), tracker, workdir, cfg.training.seed
+    )
     encoded = encode(adapter, dataset)
     device = resolve_device(cfg.training.device)
     bf16 = use_bf16(cfg.training.bf16, device)

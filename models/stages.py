@@ -124,6 +124,7 @@ def train_stage(
     lora_targets: list[str],
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     title: str = "",
+    resume_dir: Path | None = None,
 ) -> FitResult:
     """Run one stage on `model` in place; for `probe`, `train`/`val` hold cached features, not raw inputs."""
     if spec.kind == "lora":
@@ -131,16 +132,8 @@ def train_stage(
     set_trainable(model, spec.kind, spec.top_k_blocks)
     target: nn.Module = HeadOnly(model) if spec.kind == "probe" else model
     groups = param_groups(target.named_parameters(), spec.lr, spec.weight_decay, spec.layer_decay, num_blocks(model))
-    result = fit(
-        target,
-        groups,
-        train,
-        val,
-        replace(plan, epochs=spec.epochs, warmup_ratio=spec.warmup_ratio, patience=spec.patience),
-        checkpoint,
-        on_epoch,
-        title or spec.kind,
-    )
+    plan = replace(plan, epochs=spec.epochs, warmup_ratio=spec.warmup_ratio, patience=spec.patience)
+    result = fit(target, groups, train, val, plan, checkpoint, on_epoch, title or spec.kind, resume_dir)
     if spec.kind == "lora":
         merge_lora(model)
     for param in model.parameters():

@@ -24,6 +24,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
 from models.batching import Batch
+from models.checkpoint import latest_checkpoint, load_checkpoint, write_checkpoint
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class FitPlan:
     device: str = "cpu"
     bf16: bool = False
     log_every_steps: int = 10
+    checkpoint_every: int | None = None
 
 
 @dataclass
@@ -105,10 +107,13 @@ def fit(
     checkpoint: Path,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     title: str = "train",
+    resume_dir: Path | None = None,
 ) -> FitResult:
     """Train `model` for `plan.epochs`; keep and reload the best epoch by `plan.metric` on `val_batches`.
 
     `train_batches(epoch)` returns that epoch's (shuffled) batches, so a seeded order is reproducible.
+    With `resume_dir`, a complete checkpoint is written every `plan.checkpoint_every` optimizer steps and
+    at each epoch end, and training continues from the newest one found there (same batches, same RNG).
     """
     from transformers import get_linear_schedule_with_warmup
 
@@ -117,50 +122,91 @@ def fit(
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(plan.warmup_ratio * total_steps), total_steps)
     trainable = [p for g in groups for p in g["params"]]
-    result, bad_epochs, step, started = FitResult(), 0, 0, time.perf_counter()
-    seen = 0
-    for epoch in range(plan.epochs):
+    pos = {"epoch": 0, "batch": 0, "step": 0, "epoch_loss": 0.0, "epoch_seen": 0, "seen": 0, "bad_epochs": 0}
+    result, started = FitResult(), time.perf_counter()
+    found = latest_checkpoint(resume_dir) if resume_dir else None
+    if found:
+        pos = load_checkpoint(found, model, optimizer, scheduler)
+        result.history, result.best_metric, result.best_epoch = (
+            pos.pop("history"),
+            pos.pop("best"),
+            pos.pop("best_epoch"),
+        )
+        result.step_losses = [tuple(x) for x in pos.pop("step_losses")]
+
+    def save_position(epoch: int, batch: int) -> None:
+        if resume_dir:
+            state = pos | {
+                "epoch": epoch,
+                "batch": batch,
+                "history": result.history,
+                "best": result.best_metric,
+                "best_epoch": result.best_epoch,
+                "step_losses": result.step_losses,
+            }
+            write_checkpoint(resume_dir, model, optimizer, scheduler, state)
+
+    for epoch in range(pos["epoch"], plan.epochs):
         model.train()
-        epoch_loss, epoch_seen, epoch_start = 0.0, 0, time.perf_counter()
+        first = pos["batch"] if epoch == pos["epoch"] else 0
+        if first == 0:
+            pos["epoch_loss"], pos["epoch_seen"] = 0.0, 0
+        epoch_start, session_seen = time.perf_counter(), 0
         batches = train_batches(epoch)
         with _progress() as bar:
-            task = bar.add_task(f"{title} epoch {epoch + 1}/{plan.epochs}", total=len(batches), info="")
-            for i, (inputs, labels) in enumerate(batches):
+            task = bar.add_task(
+                f"{title} epoch {epoch + 1}/{plan.epochs}", total=len(batches), info="", completed=first
+            )
+            for i in range(first, len(batches)):
+                inputs, labels = batches[i]
                 with autocast(plan.device, plan.bf16):
                     logits = model(**to_device(inputs, plan.device))
                 loss = F.cross_entropy(logits.float(), labels.to(plan.device))
                 (loss / plan.grad_accum_steps).backward()
+                value = loss.item()
+                pos["epoch_loss"] += value * len(labels)
+                pos["epoch_seen"] += len(labels)
+                session_seen += len(labels)
                 if (i + 1) % plan.grad_accum_steps == 0 or i + 1 == len(batches):
                     if plan.max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(trainable, plan.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                    step += 1
-                    if step % plan.log_every_steps == 0:
-                        result.step_losses.append((step, loss.item()))
-                epoch_loss += loss.item() * len(labels)
-                epoch_seen += len(labels)
-                rate = epoch_seen / (time.perf_counter() - epoch_start)
-                bar.update(task, advance=1, info=f"loss {epoch_loss / epoch_seen:.4f} · {rate:.0f} samples/s")
-        seen += epoch_seen
+                    pos["step"] += 1
+                    if pos["step"] % plan.log_every_steps == 0:
+                        result.step_losses.append((pos["step"], value))
+                    if plan.checkpoint_every and pos["step"] % plan.checkpoint_every == 0 and i + 1 < len(batches):
+                        save_position(epoch, i + 1)
+                rate = session_seen / max(time.perf_counter() - epoch_start, 1e-9)
+                bar.update(
+                    task, advance=1, info=f"loss {pos['epoch_loss'] / pos['epoch_seen']:.4f} · {rate:.0f} samples/s"
+                )
+        pos["seen"] += pos["epoch_seen"]
         train_seconds = time.perf_counter() - epoch_start
         val = evaluate(model, val_batches, plan.device, plan.bf16, f"{title} validation")
-        row = {"epoch": epoch + 1, "train_loss": epoch_loss / epoch_seen, "samples_per_s": epoch_seen / train_seconds}
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": pos["epoch_loss"] / pos["epoch_seen"],
+            "samples_per_s": session_seen / train_seconds,
+        }
         row.update({f"val_{k}": v for k, v in val.items()})
         result.history.append(row)
         if on_epoch:
             on_epoch(row)
+        stop = False
         if val[plan.metric] > result.best_metric:
-            result.best_metric, result.best_epoch, bad_epochs = val[plan.metric], epoch + 1, 0
+            result.best_metric, result.best_epoch, pos["bad_epochs"] = val[plan.metric], epoch + 1, 0
             save_state(model, checkpoint)
         else:
-            bad_epochs += 1
-            if plan.patience and bad_epochs >= plan.patience:
-                break
+            pos["bad_epochs"] += 1
+            stop = bool(plan.patience and pos["bad_epochs"] >= plan.patience)
+        save_position(plan.epochs if stop else epoch + 1, 0)
+        if stop:
+            break
     load_state(model, checkpoint)
     result.seconds = time.perf_counter() - started
-    result.samples_per_second = seen / result.seconds
+    result.samples_per_second = pos["seen"] / result.seconds
     return result
 
 

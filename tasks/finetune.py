@@ -7,6 +7,7 @@ re-run of the same config on the same data skips finished stages and starts from
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,11 @@ def use_bf16(requested: bool | None, device: str) -> bool:
 
 @task(**LIVE)
 def load_backbone(
-    cfg: BackboneConfig, modality: str, num_labels: int, tracker: Tracker, workdir: Path
+    cfg: BackboneConfig, modality: str, num_labels: int, tracker: Tracker, workdir: Path, seed: int = 0
 ) -> tuple[Adapter, TransferModel]:
-    """Resolve the backbone URI (registry, dir, package, hub id) and build encoder + fresh head."""
+    """Resolve the backbone URI (registry, dir, package, hub id) and build encoder + a fresh head, seeded:
+    the same config gives the same initial head, so a re-run after a crash matches the original."""
+    seed_everything(seed)
     source = cfg.uri
     if source.startswith("models:/"):
         source = str(tracker.download(source, workdir / "backbone"))
@@ -147,6 +150,7 @@ def run_stage(
         metric=metric,
         device=device,
         bf16=bf16,
+        checkpoint_every=training.checkpoint_every_steps,
     )
     if stage.kind == "probe":
         if features is None:
@@ -164,7 +168,16 @@ def run_stage(
 
     out = stage_dir(workdir, stage)
     result = train_stage(
-        model, spec, train, val, plan, out / "best.safetensors", adapter.lora_targets, log_epoch, stage.label
+        model,
+        spec,
+        train,
+        val,
+        plan,
+        out / "best.safetensors",
+        adapter.lora_targets,
+        log_epoch,
+        stage.label,
+        resume_dir=out / "checkpoints",
     )
     tracker.log_metrics(stage_run_id, [("step_loss", loss, step) for step, loss in result.step_losses])
     save_state(model, out / "final.safetensors")
@@ -179,6 +192,7 @@ def run_stage(
         result.step_losses,
     )
     (out / "done.json").write_text(json.dumps(asdict(outcome), indent=2))
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the stage is done: final.safetensors is what counts
     return outcome
 
 

@@ -17,6 +17,7 @@ DVC = str(ROOT / ".venv" / "bin" / "dvc") if (ROOT / ".venv" / "bin" / "dvc").ex
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="transflow-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

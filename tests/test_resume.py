@@ -1,0 +1,168 @@
+"""Crash and resume: complete checkpoints, a half-written one never picked, and a run killed with SIGKILL
+mid-stage that, re-run, skips finished stages and reaches the same metrics as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import COMPLETE, complete_checkpoints, latest_checkpoint
+from models.stages import StageSpec, train_stage
+from models.text import TextAdapter
+from models.trainer import FitPlan, seed_everything
+from tasks.finetune import Encoded
+from tests.conftest import ROOT
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashingBatches:
+    """The batches of one epoch, raising at batch `at`: a crash in the middle of training."""
+
+    def __init__(self, batches, at: int | None):
+        self.batches, self.at = batches, at
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int):
+        if self.at is not None and i == self.at:
+            raise Crash(f"killed at batch {i}")
+        return self.batches[i]
+
+
+def train(tiny_bert_dir: Path, data: Encoded, workdir: Path, crash: tuple[int, int] | None) -> tuple:
+    seed_everything(3)
+    adapter = TextAdapter(max_length=16)
+    adapter.build(str(tiny_bert_dir), 2)
+    torch.manual_seed(0)
+    model = adapter.build(str(tiny_bert_dir), 2)
+    seed_everything(3)
+
+    def batches(epoch: int) -> CrashingBatches:
+        at = crash[1] if crash and crash[0] == epoch else None
+        return CrashingBatches(data.batches(adapter, "train", 4, seed=epoch), at)
+
+    spec = StageSpec(kind="full", epochs=3, lr=2e-3)
+    plan = FitPlan(epochs=3, checkpoint_every=2)
+    result = train_stage(
+        model,
+        spec,
+        batches,
+        data.batches(adapter, "validation", 8),
+        plan,
+        workdir / "best.safetensors",
+        [],
+        resume_dir=workdir / "checkpoints",
+    )
+    return model, result
+
+
+def test_crash_mid_epoch_then_resume_matches_an_uninterrupted_run(
+    tiny_bert_dir: Path, tiny_text_data: Path, tmp_path: Path
+) -> None:
+    from flows.config import DataConfig
+    from tasks.data import load_dataset
+
+    adapter = TextAdapter(max_length=16)
+    adapter.build(str(tiny_bert_dir), 2)
+    ds = load_dataset(DataConfig(modality="text", path=tiny_text_data, dvc_file=None))
+    data = Encoded(*((adapter.encode(ds.split(s).items), ds.split(s).labels) for s in ("train", "validation", "test")))
+
+    reference, ref_result = train(tiny_bert_dir, data, tmp_path / "clean", None)
+    with pytest.raises(Crash):
+        train(tiny_bert_dir, data, tmp_path / "crashed", crash=(1, 3))
+    saved = latest_checkpoint(tmp_path / "crashed" / "checkpoints")
+    assert saved is not None and "epoch-0001-batch-000002" in saved.name, saved
+    resumed, res_result = train(tiny_bert_dir, data, tmp_path / "crashed", None)
+    assert [r["train_loss"] for r in res_result.history] == pytest.approx(
+        [r["train_loss"] for r in ref_result.history], abs=1e-6
+    )
+    assert res_result.best_metric == pytest.approx(ref_result.best_metric)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-6, rtol=1e-5)
+
+
+def test_half_written_checkpoints_are_never_picked(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    good = root / "step-000000004-epoch-0000-batch-000004"
+    good.mkdir(parents=True)
+    (good / COMPLETE).write_text("ok")
+    (root / "step-000000006-epoch-0000-batch-000006.tmp").mkdir()  # killed while writing
+    (root / "step-000000008-epoch-0001-batch-000000").mkdir()  # renamed but no marker: never happens, still refused
+    assert complete_checkpoints(root) == [good]
+    assert latest_checkpoint(root) == good
+
+
+WORKER = """
+import sys
+from flows.retrain import retrain
+retrain(sys.argv[1], sys.argv[2:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_sigkill_mid_stage_then_rerun_skips_finished_stages_and_matches(
+    tiny_bert_dir: Path, tweets_repo: Path, tmp_path: Path
+) -> None:
+    def overrides(out: Path) -> list[str]:
+        return [
+            f"backbone.uri={tiny_bert_dir}",
+            f"data.path={tweets_repo / 'data'}",
+            f"data.dvc_file={tweets_repo / 'data.dvc'}",
+            f"output_dir={out}",
+            f"registry.tracking_uri=sqlite:///{out / 'mlflow.db'}",
+            "training.checkpoint_every_steps=2",
+            "data.train_limit=160",
+            "stages.1.epochs=3",
+            "export.enabled=false",
+            "evaluation.baselines=false",
+        ]
+
+    config = str(ROOT / "configs/smoke-text.yaml")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    clean = subprocess.run(
+        [sys.executable, "-c", WORKER, config, *overrides(tmp_path / "clean")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER, config, *overrides(out)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("*/stages/partial/checkpoints/step-*-epoch-0001-*")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (next(out.glob("*/stages/probe")) / "done.json").is_file(), "probe finished before the kill"
+    assert not list(out.glob("*/stages/partial/done.json")), "killed mid-stage"
+
+    rerun = subprocess.run(
+        [sys.executable, "-c", WORKER, config, *overrides(out)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    first = json.loads(next((tmp_path / "clean").glob("*/run-summary.json")).read_text())
+    second = json.loads(next(out.glob("*/run-summary.json")).read_text())
+    assert [s["resumed"] for s in second["stages"]] == [True, False, False]
+    for a, b in zip(first["stages"], second["stages"], strict=True):
+        assert b["test"]["macro_f1"] == pytest.approx(a["test"]["macro_f1"], abs=1e-6), a["name"]
+    assert second["test"]["loss"] == pytest.approx(first["test"]["loss"], abs=1e-5)
