@@ -129,8 +129,12 @@ def pack(bundle_dir: Path, out: Path) -> Path:
                 tar.addfile(info, fh)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    with tmp.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
-        gz.write(buf.getvalue())
+    try:
+        with tmp.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz:
+            gz.write(buf.getvalue())
+    except OSError as exc:  # disk full: no archive under the final name, no leftover
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"could not write bundle archive {out.name}: {exc.strerror}") from exc
     tmp.replace(out)
     return out
 

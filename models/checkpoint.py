@@ -72,6 +72,21 @@ def write_checkpoint(
     name = f"step-{position['step']:09d}-epoch-{position['epoch']:04d}-batch-{position['batch']:06d}"
     final, tmp = root / name, root / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_files(tmp, model, optimizer, scheduler, position)
+    except Exception as exc:  # disk full, quota, I/O error: keep the previous checkpoint, say so
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"could not write checkpoint {name} ({exc}); the previous checkpoint is intact") from exc
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in complete_checkpoints(root)[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_files(
+    tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, position: dict[str, Any]
+) -> None:
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
     opt_tensors, opt_meta = _optimizer_split(optimizer.state_dict())
@@ -82,11 +97,6 @@ def write_checkpoint(
     (tmp / "state.json").write_text(json.dumps(state))
     _fsync_dir_files(tmp)
     (tmp / COMPLETE).write_text("ok\n")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in complete_checkpoints(root)[:-KEEP]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _fsync_dir_files(folder: Path) -> None:

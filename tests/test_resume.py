@@ -166,3 +166,57 @@ def test_sigkill_mid_stage_then_rerun_skips_finished_stages_and_matches(
     for a, b in zip(first["stages"], second["stages"], strict=True):
         assert b["test"]["macro_f1"] == pytest.approx(a["test"]["macro_f1"], abs=1e-6), a["name"]
     assert second["test"]["loss"] == pytest.approx(first["test"]["loss"], abs=1e-5)
+
+
+DISK_FULL = """
+import resource, signal, sys
+from pathlib import Path
+import torch
+from models.checkpoint import write_checkpoint
+from edge.bundle import pack
+root = Path(sys.argv[1])
+model = torch.nn.Linear(512, 512)
+opt = torch.optim.AdamW(model.parameters())
+sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+model(torch.randn(2, 512)).sum().backward(); opt.step()
+write_checkpoint(root / "ckpt", model, opt, sched, {"step": 1, "epoch": 0, "batch": 1})
+(root / "bundle").mkdir(); (root / "bundle" / "model.onnx").write_bytes(__import__("os").urandom(3_000_000))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+failures = []
+try:
+    write_checkpoint(root / "ckpt", model, opt, sched, {"step": 2, "epoch": 0, "batch": 2})
+except OSError as exc:
+    failures.append(f"checkpoint: {exc}")
+try:
+    pack(root / "bundle", root / "bundle.tar.gz")
+except OSError as exc:
+    failures.append(f"bundle: {exc}")
+print("|".join(failures))
+"""
+
+
+def test_disk_full_while_writing_keeps_the_previous_checkpoint_and_no_partial_bundle(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", DISK_FULL, str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    checkpoint_error, bundle_error = proc.stdout.strip().split("|")
+    assert "could not write checkpoint step-000000002" in checkpoint_error and "File too large" in checkpoint_error
+    assert "previous checkpoint is intact" in checkpoint_error
+    assert "could not write bundle archive bundle.tar.gz" in bundle_error and "File too large" in bundle_error
+    assert not list((tmp_path / "ckpt").glob("*.tmp")), "no half-written checkpoint left behind"
+    latest = latest_checkpoint(tmp_path / "ckpt")
+    assert latest is not None and latest.name.startswith("step-000000001-"), "the previous checkpoint stays the latest"
+    model = torch.nn.Linear(512, 512)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    from models.checkpoint import load_checkpoint
+
+    assert load_checkpoint(latest, model, opt, sched)["step"] == 1
+    assert not (tmp_path / "bundle.tar.gz").exists(), "a failed pack leaves no archive under the final name"
