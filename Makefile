@@ -1,5 +1,5 @@
 # Two commands on a fresh machine with Python 3.11 and pip:
-#   make demo   set up, prepare the DVC-pinned data, run the retraining flow on the embedded default
+#   make demo   set up, prepare the DVC-pinned data, retrain + register + export, promote, deploy to a local edge
 #   make test   set up, run the test suite
 PYTHON ?= python3
 VENV   := .venv
@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup sources data demo test lint bench clean
+.PHONY: setup sources data demo demo-vision test lint bench clean
 
 setup: $(STAMP) sources
 
@@ -35,6 +35,12 @@ data: setup
 
 demo: data
 	$(BIN)/transflow run --config configs/text-tweets.yaml --summary run-summary.json
+	scripts/demo_edge.sh
+
+# Vision: masked-image-model pretraining of a small ViT on Fashion-MNIST, then transfer to the digits.
+demo-vision: data
+	$(BIN)/transflow pretrain --config configs/pretrain-vision-mim.yaml
+	$(BIN)/transflow run --config configs/vision-digits.yaml
 
 test: setup
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
@@ -42,6 +48,10 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Every benchmark (inference, probe, edge, training, pipeline, limits): benchmarks/results/*.json + BENCHMARKS.md
+bench: setup
+	$(BIN)/python -m benchmarks run
 
 clean:
 	rm -rf $(VENV) data.partial data.old .pytest_cache .ruff_cache

@@ -7,6 +7,9 @@
     POST /v1/admin/bundles    upload a bundle .tar.gz (bearer token): verify, golden check, then swap
     POST /v1/admin/rollback   back to the previous bundle (bearer token)
 
+With `watch_dir` (air-gapped sites), the newest `*.tar.gz` dropped into that folder is installed the same way;
+`transflow deploy --target dir:///folder` writes archives there atomically, and deleting the newest rolls back.
+
 Concurrent predict requests are micro-batched into one onnxruntime call on a worker thread, so the
 event loop stays free. A new model is swapped in by one reference assignment: requests already
 prepared for the old model finish on it. The state directory (`bundles/<sha256>/`, `current`,
@@ -75,6 +78,8 @@ class Settings:
     max_wait_ms: float = 2.0  # how long the first request of a batch waits for company
     max_queue: int = 4096  # queued items before predict answers 503
     intra_op_threads: int = 0  # 0: onnxruntime's choice (one per physical core)
+    watch_dir: Path | None = None  # serve the newest bundle .tar.gz in this folder (air-gapped sites)
+    watch_interval_s: float = 2.0  # how often the folder is looked at
 
     def __post_init__(self) -> None:
         if self.token is not None and len(self.token) < MIN_TOKEN_CHARS:
@@ -83,6 +88,8 @@ class Settings:
             raise ValueError("limits and batch sizes must be positive")
         if self.max_wait_ms < 0 or self.intra_op_threads < 0:
             raise ValueError("max_wait_ms and intra_op_threads must not be negative")
+        if self.watch_interval_s <= 0:
+            raise ValueError("watch_interval_s must be positive")
 
 
 def load_token(token_file: Path | None = None, environ: dict[str, str] | None = None) -> str | None:
@@ -421,6 +428,72 @@ class MicroBatcher:
                 offset += len(j.prepared)
 
 
+# ---------------------------------------------------------------- the watched folder
+
+
+class DirectoryWatcher:
+    """Install the newest `*.tar.gz` of a folder whenever it changes (by name, mtime and size).
+
+    Writers rename complete archives into place (dot-prefixed temp names are skipped), so a half-copied file
+    is never seen. Each archive is tried once: a rejected one is logged and the running model keeps serving.
+    Deleting the newest archive makes the one before it the newest, which is how a deploy rolls a site back.
+    """
+
+    def __init__(self, folder: Path, interval_s: float, install: Callable[[Path, str], dict[str, Any]]) -> None:
+        if not folder.is_dir():
+            raise ValueError(f"{folder}: the watched folder does not exist")
+        self.folder, self.interval_s, self.install = folder, interval_s, install
+        self._seen: tuple[str, int, int] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def newest(self) -> tuple[Path, tuple[str, int, int]] | None:
+        found = []
+        for path in self.folder.iterdir():
+            if path.name.endswith(".tar.gz") and not path.name.startswith("."):
+                with contextlib.suppress(FileNotFoundError):  # removed while we looked
+                    stat = path.stat()
+                    found.append((stat.st_mtime_ns, path.name, stat.st_size, path))
+        if not found:
+            return None
+        mtime, name, size, path = max(found)
+        return path, (name, mtime, size)
+
+    def poll(self) -> None:
+        """One look at the folder; never raises, so the watching thread outlives any bad archive."""
+        try:
+            newest = self.newest()
+        except OSError as exc:
+            log.error("cannot list the watched folder %s: %s", self.folder, exc)
+            return
+        if newest is None or newest[1] == self._seen:
+            return
+        path, self._seen = newest
+        try:
+            result = self.install(path, "watch")
+        except BundleError as exc:
+            log.error("%s rejected, still serving the previous model: %s", path.name, exc)
+        except Exception:  # an unreadable file must not stop the watching thread
+            log.exception("%s could not be installed", path.name)
+        else:
+            log.info("%s: %s (bundle %s)", path.name, result["status"], result["bundle_sha256"][:12])
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="edge-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def _run(self) -> None:
+        self.poll()
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -559,6 +632,9 @@ class EdgeState:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.watcher: DirectoryWatcher | None = None
+        if settings.watch_dir is not None:  # first: a missing folder must fail before the state dir is locked
+            self.watcher = DirectoryWatcher(settings.watch_dir, settings.watch_interval_s, self.install)
         self._temp_root: Path | None = None
         root = settings.state_dir
         if root is None:
@@ -590,6 +666,8 @@ class EdgeState:
                 log.error("%s; not ready until a bundle is uploaded or rolled back to", self.error)
 
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
         self.batcher.stop()
         self.store.close()
         if self._temp_root is not None:
@@ -830,6 +908,8 @@ def create_app(settings: Settings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.batcher.start()
+        if state.watcher is not None:
+            state.watcher.start()
         try:
             yield
         finally:

@@ -13,7 +13,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli_deploy import deploy_cmd
 from flows.cli_edge import edge_app
+from flows.cli_registry import lineage_cmd, promote_cmd, rollback_cmd
+from flows.cli_schedule import schedule_app
 from flows.config import ConfigError, DataConfig, load_config
 
 console = Console()
@@ -25,6 +28,11 @@ app = typer.Typer(
 data_app = typer.Typer(help="Prepare, verify and inspect the DVC-versioned datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(edge_app, name="edge")
+app.command("deploy")(deploy_cmd)
+app.command("promote")(promote_cmd)
+app.command("rollback")(rollback_cmd)
+app.command("lineage")(lineage_cmd)
+app.add_typer(schedule_app, name="schedule")
 
 CONFIG_OPT = typer.Option(..., "--config", "-c", help="YAML run config (see configs/).")
 SET_OPT = typer.Option([], "--set", help="Override a config value: --set training.seed=7 (repeatable).")

@@ -35,11 +35,19 @@ def serve(
     max_body_bytes: int = typer.Option(16 << 20, help="Largest predict request body."),
     max_upload_bytes: int = typer.Option(1 << 30, help="Largest bundle archive accepted by the admin upload."),
     threads: int = typer.Option(0, help="onnxruntime intra-op threads (0: one per physical core)."),
+    watch_dir: Path | None = typer.Option(
+        None,
+        "--watch-dir",
+        help="Serve the newest bundle .tar.gz dropped into this folder (air-gapped sites; deploy --target dir://…).",
+    ),
+    watch_interval: float = typer.Option(2.0, help="Seconds between looks at --watch-dir."),
     log_level: str = typer.Option("info", help="debug, info, warning or error."),
 ) -> None:
     """Serve a bundle over HTTP: /v1/predict, /v1/model, /healthz, /readyz, /metrics and the admin endpoints."""
-    if bundle is None and state_dir is None:
-        raise typer.BadParameter("give --bundle, --state-dir, or both", param_hint="--bundle/--state-dir")
+    if bundle is None and state_dir is None and watch_dir is None:
+        raise typer.BadParameter(
+            "give --bundle, --state-dir, or both (or --watch-dir)", param_hint="--bundle/--state-dir"
+        )
     from edge.bundle import BundleError
     from edge.server import Settings, load_token
     from edge.server import serve as run_server
@@ -56,6 +64,8 @@ def serve(
             max_batch=max_batch,
             max_wait_ms=max_wait_ms,
             intra_op_threads=threads,
+            watch_dir=watch_dir,
+            watch_interval_s=watch_interval,
         )
         if settings.token is None:
             typer.echo("admin endpoints disabled: no $TRANSFLOW_EDGE_TOKEN and no --token-file", err=True)

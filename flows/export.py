@@ -49,5 +49,6 @@ def export_model(model_uri: str, out: str, tracking_uri: str | None = None) -> d
         cfg.export.int8,
         cfg.export.int8_budget_pt,
     )
+    tracker.log_artifacts(record.run_id, Path(report.bundle_tar), "bundle")  # where deploy and promote look
     tracker.tag_version(name, version, version_tags(report))
     return report_dict(report)

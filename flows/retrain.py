@@ -6,6 +6,7 @@ One MLflow parent run per flow run, a nested run per stage; the run id is passed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -83,6 +84,8 @@ def run_retrain(cfg: RunConfig, summary_path: Path | None = None, fresh: bool = 
     bf16 = use_bf16(cfg.training.bf16, device)
 
     lineage = collect_lineage(cfg.data.dvc_file, cfg.config_hash()) | {"backbone": cfg.backbone.uri}
+    if cfg.backbone.uri.startswith("models:/"):  # pin what the alias meant at training time
+        lineage["backbone_version"] = "/".join(tracker.resolve_version(cfg.backbone.uri))
     run_id = tracker.start_run(cfg.registry.experiment, cfg.name, lineage)
     try:
         summary = _train_evaluate_register(
@@ -95,7 +98,8 @@ def run_retrain(cfg: RunConfig, summary_path: Path | None = None, fresh: bool = 
         tracker.log_artifacts(run_id, path)
         tracker.end_run(run_id)
     except BaseException:
-        tracker.end_run(run_id, "FAILED")
+        with contextlib.suppress(Exception):  # the tracking server may be what failed: keep the first error
+            tracker.end_run(run_id, "FAILED")
         raise
     print_summary(summary, path)
     return summary
@@ -170,7 +174,11 @@ def _train_evaluate_register(cfg, tracker, run_id, dataset, adapter, model, enco
             exported = export_and_log(
                 cfg, tracker, run_id, version, model, adapter, encoded, dataset, version_tags, final["logits"], workdir
             )
+    promotion = None
+    if version and cfg.registry.auto_promote:
+        promotion = auto_promote(tracker, cfg.registry.model_name, version, workdir)
     return {
+        "promotion": promotion,
         "export": exported,
         "run_id": run_id,
         "model_name": cfg.registry.model_name,
@@ -207,15 +215,26 @@ def export_and_log(cfg, tracker, run_id, version, model, adapter, encoded, datas
     return report_dict(report)
 
 
+def auto_promote(tracker: Tracker, model_name: str, version: str, workdir: Path) -> dict[str, Any]:
+    """`registry.auto_promote`: the same gate as `transflow promote`, on the version just registered."""
+    from flows.promote import announce
+    from tasks.promote import PromotionError, promote_version
+
+    try:
+        decision = promote_version(tracker, model_name, version, workdir=workdir / "promote")
+    except PromotionError as exc:  # e.g. export disabled: the version stays challenger, the run still succeeds
+        return {"outcome": "not judged", "reasons": [str(exc)]}
+    announce(decision, tracker.uri)
+    return decision.to_dict()
+
+
 def _test_stage(model, adapter, encoded, features, kind, cfg, classes, device, bf16, workdir):
     """Test metrics after a stage; the probe's come from the cached features (same numbers, no encoder pass)."""
-    if kind == "probe" and features is not None:
-        target, batches = (
-            HeadOnly(model),
-            feature_batches(features["test"], encoded.test[1], cfg.training.eval_batch_size, None),
-        )
-    else:
-        target, batches = model, encoded.batches(adapter, "test", cfg.training.eval_batch_size, sort=True)
+    batches = encoded.batches(adapter, "test", cfg.training.eval_batch_size, sort=True)
+    target = model
+    if kind == "probe" and features is not None:  # same order as the encoder pass: export compares these logits
+        target = HeadOnly(model)
+        batches = feature_batches(features["test"], encoded.test[1], cfg.training.eval_batch_size, None, batches.order)
     return evaluate_model(target, batches, classes, device, workdir / "plots", bf16)
 
 
@@ -234,6 +253,9 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
     for name, m in summary["baselines"].items():
         table.add_row(f"baseline {name}", "", f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", "")
     console.print(table)
+    if summary.get("promotion"):
+        p = summary["promotion"]
+        console.print(f"auto-promotion: {p['outcome']}: {'; '.join(p['reasons'])}")
     if summary.get("export"):
         e = summary["export"]
         console.print(

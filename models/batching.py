@@ -49,7 +49,9 @@ def shuffled(n: int, seed: int) -> list[int]:
     return torch.randperm(n, generator=generator).tolist()
 
 
-def feature_batches(features: torch.Tensor, labels: Sequence[int], batch_size: int, seed: int | None) -> Batches:
+def feature_batches(
+    features: torch.Tensor, labels: Sequence[int], batch_size: int, seed: int | None, order: Sequence[int] | None = None
+) -> Batches:
     """Batches over cached features (the probe stage): no encoder, no collation cost."""
-    order = shuffled(len(labels), seed) if seed is not None else None
+    order = shuffled(len(labels), seed) if seed is not None else order
     return Batches(features, labels, batch_size, lambda rows: {"features": torch.stack(rows)}, order)

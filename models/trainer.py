@@ -39,6 +39,7 @@ class FitPlan:
     bf16: bool = False
     log_every_steps: int = 10
     checkpoint_every: int | None = None
+    compile: bool = False
 
 
 @dataclass
@@ -122,6 +123,7 @@ def fit(
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(plan.warmup_ratio * total_steps), total_steps)
     trainable = [p for g in groups for p in g["params"]]
+    forward = torch.compile(model, dynamic=True) if plan.compile else model  # same weights, compiled graph
     pos = {"epoch": 0, "batch": 0, "step": 0, "epoch_loss": 0.0, "epoch_seen": 0, "seen": 0, "bad_epochs": 0}
     result, started = FitResult(), time.perf_counter()
     found = latest_checkpoint(resume_dir) if resume_dir else None
@@ -160,7 +162,7 @@ def fit(
             for i in range(first, len(batches)):
                 inputs, labels = batches[i]
                 with autocast(plan.device, plan.bf16):
-                    logits = model(**to_device(inputs, plan.device))
+                    logits = forward(**to_device(inputs, plan.device))
                 loss = F.cross_entropy(logits.float(), labels.to(plan.device))
                 (loss / plan.grad_accum_steps).backward()
                 value = loss.item()

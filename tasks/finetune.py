@@ -41,6 +41,11 @@ def use_bf16(requested: bool | None, device: str) -> bool:
     return supported if requested is None else requested and supported
 
 
+def use_compile(requested: bool | None, device: str) -> bool:
+    """torch.compile pays off on CUDA; on CPU its compile time outweighs short fine-tunes unless asked for."""
+    return device.startswith("cuda") if requested is None else requested
+
+
 @task(**LIVE)
 def load_backbone(
     cfg: BackboneConfig, modality: str, num_labels: int, tracker: Tracker, workdir: Path, seed: int = 0
@@ -151,6 +156,7 @@ def run_stage(
         device=device,
         bf16=bf16,
         checkpoint_every=training.checkpoint_every_steps,
+        compile=use_compile(training.compile, device),
     )
     if stage.kind == "probe":
         if features is None:

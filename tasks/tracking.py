@@ -154,6 +154,137 @@ class Tracker:
         name, _, number = name.rpartition("/")
         return name, number
 
+    # --- registry lifecycle: promotion gate, rollback, lineage (tasks/promote.py) ---------------------------
+
+    def model_exists(self, name: str) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(name)
+        except MlflowException as exc:
+            if _missing(exc):
+                return False
+            raise
+        return True
+
+    def version_numbers(self, name: str) -> list[str]:
+        """Every version of a registered model, oldest first."""
+        found = self.client.search_model_versions(f"name='{_quote(name)}'")
+        return sorted((str(v.version) for v in found), key=int)
+
+    def model_version(self, name: str, version: str) -> VersionRecord | None:
+        """The version's run, tags and aliases, or None when the model or the version does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version(name, version)
+        except MlflowException as exc:
+            if _missing(exc):
+                return None
+            raise
+        return VersionRecord(name, str(mv.version), mv.run_id, dict(mv.tags), list(mv.aliases), mv.source)
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        """The version an alias points at, or None when the alias is not set."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException as exc:
+            if _missing(exc):
+                return None
+            raise
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """One call, atomic on the server: the alias points at the old version or the new one, never neither."""
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def run_artifact(self, run_id: str, path: str, dst: Path) -> Path | None:
+        """Download one artifact file of a run into `dst`; None when the run has no such file."""
+        parent = path.rpartition("/")[0] or None
+        if path not in {a.path for a in self.client.list_artifacts(run_id, parent) if not a.is_dir}:
+            return None
+        return self.download(f"runs:/{run_id}/{path}", dst)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, text, artifact_file)
+
+    def runs(self, experiment: str) -> list[RunRecord]:
+        """Every run of an experiment (any status), oldest first; [] when the experiment does not exist."""
+        found = self.client.get_experiment_by_name(experiment)
+        if not found:
+            return []
+        out, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [found.experiment_id], order_by=["attributes.start_time ASC"], max_results=1000, page_token=token
+            )
+            out += [RunRecord(r.info.run_id, r.info.status, r.info.start_time, dict(r.data.tags)) for r in page]
+            token = page.token
+            if not token:
+                return out
+
+    def create_unique(self, name: str, tags: dict[str, str]) -> bool:
+        """Create a registered model named `name` unless one exists: the server's unique-name constraint makes
+        this the atomic create-if-absent a cross-process lock needs. False when it already exists."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, tags=tags, description="transflow lock; safe to delete")
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(exc).lower():
+                return False
+            raise
+        return True
+
+    def model_tags(self, name: str) -> dict[str, str] | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return dict(self.client.get_registered_model(name).tags)
+        except MlflowException as exc:
+            if _missing(exc):
+                return None
+            raise
+
+    def delete_model(self, name: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_registered_model(name)
+        except MlflowException as exc:
+            if not _missing(exc):
+                raise
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """What the gate and lineage read of a model version (plain values, no MLflow entity)."""
+
+    name: str
+    version: str
+    run_id: str | None
+    tags: dict[str, str]
+    aliases: list[str]
+    source: str
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    status: str
+    start_time: int
+    tags: dict[str, str]
+
+
+def _missing(exc: Exception) -> bool:
+    code = getattr(exc, "error_code", "")
+    return code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(exc).lower()
+
+
+def _quote(name: str) -> str:
+    return name.replace("'", "\\'")
+
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}, 'c': [{'d': 2}]} → {'a.b': 1, 'c.0.d': 2}."""

@@ -150,3 +150,20 @@ def test_single_class_and_empty_data_are_clear_errors(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match=error):
             retrain(str(ROOT / "configs/smoke-text.yaml"), [*extra, f"registry.tracking_uri=sqlite:///{tmp_path}/m.db"])
     assert registered_names(tmp_path) == []
+
+
+def test_probe_only_schedule_exports_with_parity(tiny_bert_dir: Path, tweets_repo: Path, tmp_path: Path) -> None:
+    """The probe's test logits come from cached features; they must line up with the ONNX pass."""
+    from flows.retrain import retrain
+
+    summary = retrain(
+        str(ROOT / "configs/smoke-text.yaml"),
+        smoke_overrides(
+            tweets_repo,
+            tmp_path,
+            f"backbone.uri={tiny_bert_dir}",
+            "stages=[{kind: probe, epochs: 1}]",
+            "evaluation.baselines=false",
+        ),
+    )
+    assert summary["export"]["parity_passed"] and summary["export"]["fp32_max_abs_diff"] <= 1e-4

@@ -1,0 +1,358 @@
+"""The edge server under load, side by side in one run, against a real server process on loopback.
+
+With the demo's exported bundle and real test tweets (one text per request):
+- p50/p99 latency and throughput at concurrency 1, 8 and 32, with micro-batching (max_batch 32) and without (1);
+- server overhead: p50 at concurrency 1 against a bare `InferenceSession.run` on the same inputs with the same
+  preprocessing (the edge's TextPreprocessor) and the same session options;
+- a bundle swap under load (upload, rollback, rollback): failed requests must be zero.
+
+Client and server share this machine's cores, so absolute numbers include the load generator's own cost.
+Prints a table of ratios and writes JSON to benchmarks/results/. Usage:
+
+    python -m benchmarks.bench_edge [--quick] [--bundle DIR] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from benchmarks.common import latest_run_dir, machine_info, write_result
+from edge.bundle import Bundle, pack, verify_bundle, write_manifest
+from edge.preprocess import TextPreprocessor
+from edge.server import open_session
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "bench-edge-token-0123456789"
+CONCURRENCY = (1, 8, 32)
+BATCHING = {"batched": 32, "unbatched": 1}
+
+
+def percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = np.asarray(seconds) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "n": len(ms)}
+
+
+# ---------------------------------------------------------------- the bare baseline
+
+
+def bare_session(bundle: Bundle, texts: list[str], threads: int) -> dict[str, float]:
+    """Preprocess one text and run the session, as the server does per request, without HTTP or batching."""
+    pre = TextPreprocessor.from_bundle(bundle)
+    session = open_session(bundle.default_model, threads)
+    names = [i.name for i in session.get_inputs()]
+    times = []
+    for i, text in enumerate(texts):
+        start = time.perf_counter()
+        features = pre([text])
+        session.run(None, {k: features[k] for k in names})
+        if i >= 10:  # warm-up
+            times.append(time.perf_counter() - start)
+    return percentiles(times) | {"throughput_per_s": len(times) / sum(times)}
+
+
+# ---------------------------------------------------------------- a server process
+
+
+class EdgeProcess:
+    """`transflow edge serve` in a subprocess on a free loopback port, stopped by PID."""
+
+    def __init__(self, bundle: Path, max_batch: int, threads: int, workdir: Path) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        token_file = workdir / "token"
+        token_file.write_text(TOKEN)
+        self.log = workdir / f"server-{max_batch}.log"
+        state = workdir / f"state-{max_batch}"
+        command = [sys.executable, "-m", "flows.cli", "edge", "serve", "--bundle", str(bundle)]
+        command += ["--state-dir", str(state), "--port", str(self.port), "--token-file", str(token_file)]
+        command += ["--max-batch", str(max_batch), "--threads", str(threads), "--log-level", "warning"]
+        with self.log.open("w") as out:
+            self.proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"edge server exited:\n{self.log.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise SystemExit(f"edge server not ready in 120 s:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---------------------------------------------------------------- load
+
+
+async def load(
+    url: str, texts: list[str], concurrency: int, seconds: float, warmup: float, stop: threading.Event | None = None
+) -> dict[str, Any]:
+    """`concurrency` clients, each posting one text at a time for `seconds` (or until `stop`); the first `warmup`
+    seconds are not counted. Every non-200 answer and every transport error is a failure."""
+    client_s, server_ms, failures, versions = [], [], [], {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        counted = time.perf_counter() + warmup
+        end = counted + seconds
+
+        async def worker(index: int) -> None:
+            while time.perf_counter() < end and not (stop is not None and stop.is_set()):
+                text = texts[index % len(texts)]
+                index += concurrency
+                start = time.perf_counter()
+                try:
+                    response = await client.post("/v1/predict", json={"inputs": [text]})
+                except httpx.HTTPError as exc:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                if response.status_code != 200:
+                    failures.append(f"{response.status_code}: {response.text[:200]}")
+                    continue
+                body = response.json()
+                versions[body["model"]["version"]] = versions.get(body["model"]["version"], 0) + 1
+                if start >= counted:
+                    client_s.append(time.perf_counter() - start)
+                    server_ms.append(body["latency_ms"])
+
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        elapsed = time.perf_counter() - counted
+    return percentiles(client_s) | {
+        "throughput_per_s": len(client_s) / elapsed,
+        "server_p50_ms": statistics.median(server_ms) if server_ms else float("nan"),
+        "requests": sum(versions.values()) + len(failures),
+        "failed": len(failures),
+        "failures": failures[:5],
+        "versions": versions,
+    }
+
+
+def batch_totals(url: str) -> tuple[float, float]:
+    """(items, onnxruntime calls) so far, from the server's own Prometheus metrics."""
+    values = dict(
+        line.rsplit(" ", 1)
+        for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines()
+        if line.startswith(("transflow_edge_batch_size_sum", "transflow_edge_batch_size_count"))
+    )
+    return float(values["transflow_edge_batch_size_sum"]), float(values["transflow_edge_batch_size_count"])
+
+
+def sweep(server: EdgeProcess, texts: list[str], seconds: float, warmup: float) -> dict[str, Any]:
+    """Each concurrency in turn, with the mean items per onnxruntime call the server saw meanwhile."""
+    out = {}
+    for c in CONCURRENCY:
+        items, calls = batch_totals(server.url)
+        out[f"c{c}"] = asyncio.run(load(server.url, texts, c, seconds, warmup))
+        items_after, calls_after = batch_totals(server.url)
+        out[f"c{c}"]["mean_batch"] = (items_after - items) / max(calls_after - calls, 1)
+    return out
+
+
+# ---------------------------------------------------------------- swap under load
+
+
+def swap_variant(bundle: Bundle, workdir: Path) -> Path:
+    """The same model as a new bundle (another version, so another sha256), without the unused model file."""
+    out = workdir / "swap-bundle"
+    out.mkdir()
+    names = [n for n in bundle.manifest["files"] if not n.endswith(".onnx")] + [bundle.manifest["default_model"]]
+    for name in names:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(bundle.path(name), out / name)
+    meta = {k: v for k, v in bundle.manifest.items() if k not in ("format", "format_version", "files")}
+    write_manifest(out, {**meta, "version": f"{meta.get('version', '')}-swap"})
+    return pack(verify_bundle(out).root, workdir / "swap.tar.gz")
+
+
+def swap_under_load(server: EdgeProcess, archive: Path, texts: list[str], concurrency: int) -> dict[str, Any]:
+    """Upload, roll back, roll forward while `concurrency` clients keep predicting; every request must succeed."""
+    steps: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def admin() -> None:
+        calls = [("/v1/admin/bundles", archive.read_bytes()), ("/v1/admin/rollback", b""), ("/v1/admin/rollback", b"")]
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        try:
+            with httpx.Client(base_url=server.url, timeout=300, headers=auth) as client:
+                for path, body in calls:
+                    time.sleep(1.0)
+                    start = time.perf_counter()
+                    answer = client.post(path, content=body)
+                    seconds = round(time.perf_counter() - start, 3)
+                    steps.append(
+                        {"call": path, "http": answer.status_code, "answer": answer.json(), "seconds": seconds}
+                    )
+                time.sleep(1.0)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=admin)
+    thread.start()
+    result = asyncio.run(load(server.url, texts, concurrency, 600.0, 0.0, stop=done))
+    thread.join()
+    steps = [{**s, "status": s["answer"].get("status"), "version": s["answer"].get("version")} for s in steps]
+    return result | {"steps": [{k: v for k, v in s.items() if k != "answer"} for s in steps]}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def read_texts(path: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def ratios(results: dict[str, Any]) -> dict[str, Any]:
+    batched, unbatched, bare = results["server"]["batched"], results["server"]["unbatched"], results["bare"]
+    out: dict[str, Any] = {
+        f"throughput_batched_over_unbatched_c{c}": batched[f"c{c}"]["throughput_per_s"]
+        / unbatched[f"c{c}"]["throughput_per_s"]
+        for c in CONCURRENCY
+    }
+    for name, runs in (("batched", batched), ("unbatched", unbatched)):
+        out[f"overhead_p50_ms_{name}_c1"] = runs["c1"]["p50_ms"] - bare["p50_ms"]
+        out[f"overhead_p50_ms_{name}_c1_server_side"] = runs["c1"]["server_p50_ms"] - bare["p50_ms"]
+        out[f"p50_ratio_{name}_c1_over_bare"] = runs["c1"]["p50_ms"] / bare["p50_ms"]
+    out["swap_failed_requests"] = results["swap"]["failed"]
+    return out
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def print_table(results: dict[str, Any]) -> None:
+    setup, bare, r, swap = results["setup"], results["bare"], results["ratios"], results["swap"]
+    print(f"\nedge server on loopback: {setup['model']} ({setup['default_model']}), {setup['texts']} real test tweets,")
+    print(f"one text per request, {setup['seconds_per_point']} s per point, onnxruntime threads {setup['threads']}")
+    loads = (setup["load_average_before"][0], setup["load_average_after"][0])
+    print(f"machine load average (1 min) before/after: {loads[0]:.1f}/{loads[1]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"{'clients':>7} │ {'batched p50':>11} {'p99':>7} {'req/s':>7} │ "
+        f"{'unbatched p50':>13} {'p99':>7} {'req/s':>7} │ {'req/s ×':>7} {'mean batch':>10}"
+    )
+    for c in CONCURRENCY:
+        b, u = results["server"]["batched"][f"c{c}"], results["server"]["unbatched"][f"c{c}"]
+        print(
+            f"{c:>7} │ {b['p50_ms']:>11.2f} {b['p99_ms']:>7.2f} {b['throughput_per_s']:>7.1f} │ "
+            f"{u['p50_ms']:>13.2f} {u['p99_ms']:>7.2f} {u['throughput_per_s']:>7.1f} │ "
+            f"{r[f'throughput_batched_over_unbatched_c{c}']:>7.2f} {b['mean_batch']:>10.1f}"
+        )
+    print(
+        f"bare InferenceSession.run (same preprocessing, 1 text): p50 {bare['p50_ms']:.2f}, p99 {bare['p99_ms']:.2f} ms"
+    )
+    for name in ("unbatched", "batched"):
+        added, inside = r[f"overhead_p50_ms_{name}_c1"], r[f"overhead_p50_ms_{name}_c1_server_side"]
+        ratio = r[f"p50_ratio_{name}_c1_over_bare"]
+        print(
+            f"server overhead, 1 client, {name:<9}: {added:+.2f} ms p50 (×{ratio:.2f}; inside the server {inside:+.2f})"
+        )
+    print(
+        f"swap under load ({setup['swap_concurrency']} clients; upload, rollback, rollback): "
+        f"{swap['requests']} requests, {swap['failed']} failed, answered by versions {swap['versions']}"
+    )
+    print(
+        "  admin calls: "
+        + ", ".join(
+            f"{s['status'] or 'HTTP ' + str(s['http'])} v{s['version']} in {s['seconds']:.2f} s" for s in swap["steps"]
+        )
+    )
+    print(
+        f"goals: ≤ 2 ms p50 overhead at 1 client: unbatched {_met(r['overhead_p50_ms_unbatched_c1'] <= 2)}, "
+        f"batched {_met(r['overhead_p50_ms_batched_c1'] <= 2)}; batching ≥ 2× req/s at 32 clients: "
+        f"{_met(r['throughput_batched_over_unbatched_c32'] >= 2)}; no failed swap request: {_met(swap['failed'] == 0)}"
+    )
+
+
+def run(bundle_dir: Path, texts: list[str], threads: int, seconds: float, warmup: float, bare_n: int) -> dict[str, Any]:
+    bundle = verify_bundle(bundle_dir)
+    results: dict[str, Any] = {
+        "setup": {
+            "model": f"{bundle.manifest.get('name')} v{bundle.manifest.get('version')}",
+            "bundle": str(bundle_dir),
+            "bundle_sha256": bundle.sha256,
+            "default_model": bundle.manifest["default_model"],
+            "texts": len(texts),
+            "threads": threads,
+            "seconds_per_point": seconds,
+            "warmup_seconds": warmup,
+            "max_wait_ms": 2.0,
+            "swap_concurrency": 8,
+            "load_average_before": os.getloadavg(),
+        }
+    }
+    bare_before = bare_session(bundle, texts[: bare_n + 10], threads)  # no server running: no contention
+    results["server"] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-edge-") as tmp:
+        workdir = Path(tmp)
+        for name, max_batch in BATCHING.items():
+            server = EdgeProcess(bundle_dir, max_batch, threads, workdir)
+            try:
+                results["server"][name] = sweep(server, texts, seconds, warmup)
+                if name == "batched":
+                    archive = swap_variant(bundle, workdir)
+                    results["swap"] = swap_under_load(server, archive, texts, 8)
+            finally:
+                server.stop()
+    bare_after = bare_session(bundle, texts[: bare_n + 10], threads)
+    # The faster of two runs (before and after the servers) is the baseline: noise on a shared box only inflates.
+    results["bare"] = min(bare_before, bare_after, key=lambda r: r["p50_ms"]) | {"runs": [bare_before, bare_after]}
+    results["ratios"] = ratios(results)
+    results["setup"]["load_average_after"] = os.getloadavg()
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--bundle", type=Path, default=None, help="Bundle dir (default: the latest runs/*/export/bundle)"
+    )
+    parser.add_argument("--texts", type=Path, default=Path("data/tweets/test.jsonl"), help="JSONL with a 'text' field")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="onnxruntime intra-op threads, server and bare (0: auto)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="3 s per point and 300 bare calls instead of 15 s and 2000"
+    )
+    args = parser.parse_args(argv)
+    bundle_dir = args.bundle or latest_run_dir() / "export" / "bundle"
+    seconds, warmup, bare_n = (3.0, 1.0, 300) if args.quick else (15.0, 2.0, 2000)
+    results = run(bundle_dir, read_texts(args.texts), args.threads, seconds, warmup, bare_n)
+    results["machine"] = machine_info()
+    print_table(results)
+    print(f"wrote {write_result('edge', results)}")
+    if results["swap"]["failed"]:
+        raise SystemExit(f"{results['swap']['failed']} requests failed during the swap: {results['swap']['failures']}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

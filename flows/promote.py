@@ -1,0 +1,101 @@
+"""The promotion gate and rollback as Prefect flows, so every registry move shows up beside the runs that made
+the versions, and a moved champion emits `transflow.model.promoted` (what triggers `deploy-edge`). The logic
+lives in `tasks.promote`; the retraining flow calls `promote_after_retrain` for `registry.auto_promote`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from prefect import flow
+
+from tasks.promote import Decision, promote_version
+from tasks.promote import rollback as rollback_champion
+from tasks.tracking import Tracker, resolve_tracking_uri
+
+
+@flow(name="promote", log_prints=True)
+def promote(
+    model_name: str,
+    version: str | None = None,
+    dry_run: bool = False,
+    tracking_uri: str | None = None,
+    metric: str | None = None,
+    margin: float | None = None,
+    int8_budget_pt: float | None = None,
+    device: str = "cpu",
+    workdir: str | None = None,
+) -> dict[str, Any]:
+    """Judge the challenger (or `version`) against the champion on the same test split; move `champion` if it wins."""
+    tracker = Tracker(resolve_tracking_uri(tracking_uri))
+    decision = promote_version(
+        tracker,
+        model_name,
+        version,
+        metric,
+        margin,
+        int8_budget_pt,
+        dry_run=dry_run,
+        device=device,
+        workdir=Path(workdir) if workdir else None,
+    )
+    print(f"{model_name} v{decision.challenger}: {decision.outcome}: {'; '.join(decision.reasons)}")
+    announce(decision, tracker.uri)
+    return decision.to_dict()
+
+
+@flow(name="rollback", log_prints=True)
+def rollback(
+    model_name: str, reason: str = "", dry_run: bool = False, tracking_uri: str | None = None
+) -> dict[str, Any]:
+    """Move `champion` back to the version it replaced."""
+    tracker = Tracker(resolve_tracking_uri(tracking_uri))
+    decision = rollback_champion(tracker, model_name, reason, dry_run=dry_run)
+    print(f"{model_name}: {decision.reasons[0]}")
+    announce(decision, tracker.uri)
+    return decision.to_dict()
+
+
+def promote_after_retrain(tracker: Tracker, cfg: Any, version: str) -> Decision:
+    """`registry.auto_promote: true`: the same gate on the version the retraining flow just registered, with the
+    run's own metric, margin and int8 budget; announces a moved champion. Bad input raises PromotionError."""
+    decision = promote_version(
+        tracker,
+        cfg.registry.model_name,
+        version,
+        cfg.evaluation.metric,
+        cfg.registry.margin,
+        cfg.export.int8_budget_pt,
+        device=cfg.training.device,
+    )
+    print(f"auto-promote {cfg.registry.model_name} v{version}: {decision.outcome}: {'; '.join(decision.reasons)}")
+    announce(decision, tracker.uri)
+    return decision
+
+
+def announce(decision: Decision, tracking_uri: str) -> None:
+    """Emit `transflow.model.promoted` when `champion` really moved (promotion or rollback), never on a dry run."""
+    if decision.dry_run or decision.outcome not in ("promoted", "rolled_back") or not decision.champion_after:
+        return
+    from tasks.events import emit_promoted
+
+    emit_promoted(
+        decision.model,
+        decision.champion_after,
+        previous=decision.champion_before,
+        reason="; ".join(decision.reasons),
+        tracking_uri=_without_credentials(tracking_uri),
+        action=decision.action,
+        user=decision.user,
+        log_run_id=decision.log_run_id,
+    )
+
+
+def _without_credentials(uri: str) -> str:
+    """Events are visible to every Prefect user: never put `user:password@` of a tracking URI in one."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))

@@ -1,0 +1,47 @@
+"""Prefect events this project emits. `transflow.model.promoted` is what chains `promote` → `deploy-edge`:
+the `deploy-edge` deployment carries a trigger on it (see docs/scheduling.md), so promotion never has to
+know where models are deployed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PROMOTED = "transflow.model.promoted"
+
+
+def model_resource(model_name: str, version: str) -> dict[str, str]:
+    """The event's resource: one id per registered model, so a trigger can match `transflow.model.*`."""
+    return {
+        "prefect.resource.id": f"transflow.model.{model_name}",
+        "prefect.resource.name": model_name,
+        "transflow.model.name": model_name,
+        "transflow.model.version": str(version),
+    }
+
+
+def emit_promoted(
+    model_name: str,
+    version: str,
+    previous: str | None = None,
+    reason: str = "",
+    tracking_uri: str | None = None,
+    **details: Any,
+) -> Any:
+    """Emit `transflow.model.promoted` after `champion` moved to `version`; call it only on success.
+
+    Returns the emitted `prefect.events.Event` (None where Prefect emits no events, e.g. no API reachable).
+    Inside a flow run the event is sent in the background and flushed when the process exits.
+    """
+    from prefect.events import emit_event
+
+    payload = {
+        "model_name": model_name,
+        "version": str(version),
+        "previous": None if previous is None else str(previous),
+        "alias": "champion",
+        "reason": reason,
+        "tracking_uri": tracking_uri,
+        **details,
+    }
+    return emit_event(event=PROMOTED, resource=model_resource(model_name, version), payload=payload)

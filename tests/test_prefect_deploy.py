@@ -1,0 +1,414 @@
+"""Scheduled retraining on real Prefect deployments.
+
+A real `prefect server start` on loopback (own home, own sqlite), the real prefect.yaml and pool templates
+applied by `transflow schedule install`, a real `prefect worker` on the `cpu` pool running `retrain` on the
+smoke config (random 2-block BERT, real tweets in a DVC repo, sqlite MLflow in a temp dir); the data-change
+trigger; the GPU preflight on this CPU machine; the promotion event. Plus fast unit tests without a server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.gpu import GpuPreflightError, preflight
+from tests.prefect_server import ROOT, Service, start_server, start_worker, stop
+
+integration, slow = pytest.mark.integration, pytest.mark.slow
+SMOKE = "configs/smoke-text.yaml"
+
+
+@dataclass(frozen=True)
+class Api:
+    url: str
+    home: Path
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
+    """A real Prefect server; this test process talks to it for the whole module."""
+    import prefect.main  # noqa: F401  (sets up Prefect's log handlers on pytest's stderr, not a CliRunner stream)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    home = tmp_path_factory.mktemp("prefect-server")
+    server, url = start_server(home)
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield Api(url, home)
+            flush_to_server()
+    finally:
+        stop(server)
+
+
+def flush_to_server() -> None:
+    """Send this process's buffered run logs and events now, while the server still listens."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()
+
+
+@pytest.fixture(scope="module")
+def installed(prefect_api: Api) -> str:
+    """`transflow schedule install`: pools from deploy/work-pools/*.json, then `prefect deploy --all`."""
+    result = CliRunner().invoke(app, ["schedule", "install"])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def cpu_worker(installed: str, prefect_api: Api) -> Iterator[Service]:
+    worker = start_worker(prefect_api.home, prefect_api.url, "cpu")
+    yield worker
+    stop(worker)
+
+
+def sync_client():
+    from prefect import get_client
+
+    return get_client(sync_client=True)
+
+
+def pinned(repo: Path) -> str:
+    return yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"].removesuffix(".dir")
+
+
+# --- deployments, pools, schedule commands ----------------------------------------------------
+
+
+@integration
+@slow
+def test_install_applies_prefect_yaml_and_the_pool_templates(installed: str) -> None:
+    spec = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+    assert {"retrain", "retrain-gpu", "watch-data", "promote", "deploy-edge"} <= set(spec)
+    with sync_client() as client:
+        for pool in ("cpu", "gpu"):
+            found = client.read_work_pool(pool)
+            assert found.type == "process"
+            assert found.base_job_template == json.loads((ROOT / f"deploy/work-pools/{pool}.json").read_text())
+        for name, want in spec.items():
+            got = client.read_deployment_by_name(f"{name}/{name}")  # each deployment is named after its flow
+            assert got.entrypoint == want["entrypoint"] and got.work_pool_name == want["work_pool"]["name"]
+            assert got.parameters == want["parameters"]
+            assert [_schedule_fields(s.schedule, s.slug) for s in got.schedules] == [
+                _schedule_fields(SimpleNamespace(**s), s["slug"]) for s in want.get("schedules", [])
+            ]
+            assert got.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+        automation = client.read_automations_by_name("deploy-edge__automation_1")[0]
+        assert automation.enabled and automation.trigger.expect == {"transflow.model.promoted"}
+    retrain = spec["retrain"]["schedules"][0]
+    assert retrain["cron"] and retrain["timezone"], "the cron schedule names its time zone"
+    assert spec["watch-data"]["schedules"][0]["interval"] == 900
+
+
+def _schedule_fields(schedule: object, slug: str) -> tuple:
+    """What prefect.yaml says of a schedule, comparable between the YAML and the server's copy."""
+    interval = getattr(schedule, "interval", None)
+    seconds = interval if isinstance(interval, int) else interval and interval.total_seconds()
+    return slug, getattr(schedule, "cron", None), seconds, schedule.timezone
+
+
+@integration
+@slow
+def test_schedule_list_and_pause_resume(installed: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rich.console import Console
+
+    monkeypatch.setattr("flows.cli_schedule.console", Console(width=200))  # one table row per line
+    runner = CliRunner()
+    listed = runner.invoke(app, ["schedule", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert "retrain/retrain" in listed.output and "cron 30 3 * * 1 (UTC)" in listed.output
+    assert "every 0:15:00 (UTC)" in listed.output and "retrain-gpu/retrain-gpu" in listed.output
+    assert len(re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", listed.output)) == 6, "3 next runs per schedule"
+    paused = runner.invoke(app, ["schedule", "pause", "retrain"])
+    assert paused.exit_code == 0, paused.output
+    with sync_client() as client:
+        assert [s.active for s in client.read_deployment_by_name("retrain/retrain").schedules] == [False]
+    assert "paused" in runner.invoke(app, ["schedule", "list"]).output
+    resumed = runner.invoke(app, ["schedule", "pause", "retrain/retrain", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    with sync_client() as client:
+        assert [s.active for s in client.read_deployment_by_name("retrain/retrain").schedules] == [True]
+    for bad, error in (("no-such", "no deployment named"), ("retrain-gpu", "has no schedule")):
+        result = runner.invoke(app, ["schedule", "pause", bad])
+        assert result.exit_code == 1 and error in result.output
+
+
+# --- retrain through the worker ---------------------------------------------------------------
+
+
+@integration
+@slow
+def test_retrain_deployment_runs_on_the_cpu_worker_and_registers_a_version(
+    cpu_worker: Service, tweets_repo: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    from prefect.deployments import run_deployment
+
+    overrides = [
+        f"data.path={tweets_repo / 'data'}",
+        f"data.dvc_file={tweets_repo / 'data.dvc'}",
+        f"backbone.uri={tiny_bert_dir}",
+        f"output_dir={tmp_path / 'runs'}",
+        f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    started = time.perf_counter()
+    run = run_deployment(
+        "retrain/retrain",
+        parameters={"config_path": SMOKE, "overrides": overrides},  # relative: resolved in the deployment's dir
+        timeout=480,
+        poll_interval=2,
+        as_subflow=False,
+    )
+    assert run.state is not None and run.state.is_completed(), f"{run.state}\n--- worker log:\n{cpu_worker.tail()}"
+    assert run.work_pool_name == "cpu" and run.infrastructure_pid, "ran in a process the worker started"
+    version = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_model_version_by_alias("smoke-text", "challenger")
+    assert version.tags["data_version"] == pinned(tweets_repo)
+    assert version.tags["backbone"] == str(tiny_bert_dir)
+    print(f"retrain through the worker: {time.perf_counter() - started:.0f}s")
+
+
+# --- data-change trigger ----------------------------------------------------------------------
+
+
+def git(repo: Path, *args: str) -> None:
+    identity = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", *identity, *args], cwd=repo, check=True, capture_output=True)
+
+
+def commit_pin(repo: Path, md5: str) -> None:
+    (repo / "data.dvc").write_text(f"outs:\n- md5: {md5}.dir\n  nfiles: 3\n  hash: md5\n  path: data\n")
+    git(repo, "add", "data.dvc")
+    git(repo, "commit", "-q", "-m", f"data {md5[:6]}")
+
+
+def register(tracking_uri: str, model: str, data_versions: list[str], champion: int | None) -> None:
+    """Versions 1..n of `model`, tagged with these data versions; alias `champion` on version `champion`."""
+    client = MlflowClient(tracking_uri)
+    client.create_registered_model(model)
+    run = client.create_run(client.create_experiment(f"watch-{model}"))
+    for data_version in data_versions:
+        tags = {"data_version": data_version}
+        client.create_model_version(model, f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags)
+    if champion:
+        client.set_registered_model_alias(model, "champion", str(champion))
+
+
+@contextmanager
+def pool_paused(name: str) -> Iterator[None]:
+    """Hold the pool's runs (the cpu worker may be up): the test counts started runs, it does not train them."""
+    from prefect.client.schemas.actions import WorkPoolUpdate
+
+    with sync_client() as client:
+        client.update_work_pool(name, WorkPoolUpdate(is_paused=True))
+        try:
+            yield
+        finally:
+            client.update_work_pool(name, WorkPoolUpdate(is_paused=False))
+
+
+def triggered_runs() -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterTags
+
+    with sync_client() as client:
+        deployment = client.read_deployment_by_name("retrain/retrain")
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id])),
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=["trigger:watch-data"])),
+        )
+
+
+@integration
+@slow
+def test_watch_data_starts_exactly_one_retrain_per_new_data_version(installed: str, tmp_path: Path) -> None:
+    from flows.watch import trained_version, watch_data
+
+    v1, v2, v3 = ("1" * 32, "2" * 32, "3" * 32)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    commit_pin(repo, v1)
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    register(tracking, "m", [v1, v2], champion=1)  # the champion decides, not the newer version 2
+    register(tracking, "fresh", [v1, v2], champion=None)
+    assert trained_version.fn(tracking, "m") == {"version": "1", "alias": "champion", "data_version": v1}
+    assert trained_version.fn(tracking, "fresh") == {"version": "2", "alias": "latest", "data_version": v2}
+    assert trained_version.fn(tracking, "never-registered") is None
+    overrides = [f"data.dvc_file={repo / 'data.dvc'}", f"registry.tracking_uri={tracking}", "registry.model_name=m"]
+    config = str(ROOT / SMOKE)
+    with pool_paused("cpu"):
+        try:
+            assert watch_data(config, overrides)["action"] == "up-to-date"
+            assert triggered_runs() == []
+
+            commit_pin(repo, v2)
+            first = watch_data(config, overrides)
+            again = watch_data(config, overrides)
+            assert (first["action"], again["action"]) == ("started", "already-started")
+            assert first["flow_run"]["id"] == again["flow_run"]["id"] and first["data_version"] == v2
+
+            (repo / "data.dvc").write_text((repo / "data.dvc").read_text().replace(v2, v3))  # not committed
+            assert watch_data(config, overrides)["flow_run"]["id"] == first["flow_run"]["id"], "reads the ref"
+
+            commit_pin(repo, v3)
+            second = watch_data(config, overrides)
+            assert second["action"] == "started" and second["flow_run"]["id"] != first["flow_run"]["id"]
+
+            runs = triggered_runs()
+            assert sorted(str(r.id) for r in runs) == sorted([first["flow_run"]["id"], second["flow_run"]["id"]])
+            assert {r.idempotency_key for r in runs} == {first["key"], second["key"]}
+            assert all(r.parameters == {"config_path": config, "overrides": overrides} for r in runs)
+        finally:
+            with sync_client() as client:
+                for run in triggered_runs():
+                    client.delete_flow_run(run.id)
+
+
+# --- GPU preflight --------------------------------------------------------------------------------
+
+
+@integration
+@slow
+def test_gpu_deployment_fails_fast_with_the_preflight_message(
+    installed: str, prefect_api: Api, tweets_repo: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+    from prefect.deployments import run_deployment
+
+    if torch.cuda.is_available():
+        pytest.skip("this test proves the failure on a machine without a usable GPU")
+    overrides = [
+        f"data.path={tweets_repo / 'data'}",
+        f"data.dvc_file={tweets_repo / 'data.dvc'}",
+        f"backbone.uri={tiny_bert_dir}",
+        f"output_dir={tmp_path / 'runs'}",
+        f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ]
+    run = run_deployment(
+        "retrain-gpu/retrain-gpu",
+        parameters={"config_path": SMOKE, "overrides": overrides},
+        timeout=0,
+        as_subflow=False,
+    )
+    worker = start_worker(prefect_api.home, prefect_api.url, "gpu", "--run-once", "--limit", "1")
+    try:
+        worker.proc.wait(timeout=300)
+    finally:
+        stop(worker)
+    with sync_client() as client:
+        final = client.read_flow_run(run.id)
+    assert final.state is not None and final.state.is_failed(), f"{final.state}\n{worker.tail()}"
+    assert "GPU preflight failed" in final.state.message and "CUDA is not visible" in final.state.message
+    assert final.work_pool_name == "gpu"
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists(), "failed before any work"
+
+
+def fake_torch(cuda: str | None = "12.4", visible: bool = True, free_gib: float = 70, bf16: bool = True):
+    gib = 1024**3
+    return SimpleNamespace(
+        __version__="2.5.0",
+        version=SimpleNamespace(cuda=cuda),
+        cuda=SimpleNamespace(
+            is_available=lambda: visible,
+            device_count=lambda: int(visible),
+            current_device=lambda: 0,
+            mem_get_info=lambda i: (int(free_gib * gib), 80 * gib),
+            get_device_name=lambda i: "Fake H100",
+            get_device_capability=lambda i: (9, 0),
+            is_bf16_supported=lambda: bf16,
+        ),
+    )
+
+
+@pytest.mark.parametrize(
+    ("torch_kw", "kwargs", "message"),
+    [
+        ({"cuda": None}, {}, "has no CUDA support"),
+        ({"visible": False}, {}, "CUDA is not visible"),
+        ({"free_gib": 0.5}, {"min_free_gib": 2.0}, "has 0.50 GiB free of 80.00 GiB, need at least 2 GiB"),
+        ({"bf16": False}, {"require_bf16": True}, "no bf16 support but training.bf16 is true"),
+    ],
+)
+def test_preflight_names_what_is_missing(monkeypatch, torch_kw: dict, kwargs: dict, message: str) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", fake_torch(**torch_kw))
+    with pytest.raises(GpuPreflightError, match="GPU preflight failed on .*" + message.replace("(", r"\(")):
+        preflight(**kwargs)
+
+
+def test_preflight_reports_a_usable_gpu(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", fake_torch(bf16=False))
+    found = preflight(min_free_gib=2.0)  # bf16 missing is not an error unless required
+    assert (found["device"], found["name"], found["free_gib"], found["bf16"]) == ("cuda:0", "Fake H100", 70.0, False)
+
+
+def test_preflight_on_this_machine_is_clear_or_passes() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        assert preflight(min_free_gib=0)["device"].startswith("cuda")
+    else:
+        with pytest.raises(GpuPreflightError, match=r"CUDA is not visible|no CUDA support"):
+            preflight()
+
+
+# --- promotion event → deploy-edge ------------------------------------------------------------------
+
+
+def flow_runs_of(deployment: str) -> list:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    with sync_client() as client:
+        found = client.read_deployment_by_name(deployment)
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])))
+
+
+@integration
+@slow
+def test_promoted_event_is_stored_and_starts_deploy_edge_for_that_version(installed: str) -> None:
+    from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.events.worker import EventsWorker
+
+    from tasks.events import PROMOTED, emit_promoted
+
+    with pool_paused("cpu"):  # the deploy-edge run is counted, not run
+        try:
+            emitted = emit_promoted("smoke-text", "3", previous="2", reason="won", tracking_uri="sqlite:///m.db")
+            assert emitted is not None and emit_promoted("other", "7") is not None  # no tracking URI in this one
+            EventsWorker.drain_all()
+            deadline, stored, runs = time.monotonic() + 60, [], []
+            while not (stored and len(runs) == 2) and time.monotonic() < deadline:
+                time.sleep(1)
+                with sync_client() as client:
+                    page = client.read_events(EventFilter(event=EventNameFilter(name=[PROMOTED])), limit=50)
+                stored = [e for e in page.events if e.id == emitted.id]
+                runs = flow_runs_of("deploy-edge/deploy-edge")
+            assert stored, "event not stored by the server"
+            assert stored[0].resource.id == "transflow.model.smoke-text"
+            assert stored[0].resource["transflow.model.version"] == "3"
+            assert (stored[0].payload["version"], stored[0].payload["previous"]) == ("3", "2")
+            started = sorted((r.parameters for r in runs), key=lambda p: p["model_uri"])
+            assert started == [
+                {"targets": [], "model_uri": "models:/other/7", "tracking_uri": None},
+                {"targets": [], "model_uri": "models:/smoke-text/3", "tracking_uri": "sqlite:///m.db"},
+            ], "the trigger starts one deploy-edge run per promotion, pinned to the promoted version"
+        finally:
+            with sync_client() as client:
+                for run in flow_runs_of("deploy-edge/deploy-edge"):
+                    client.delete_flow_run(run.id)
