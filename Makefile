@@ -37,9 +37,9 @@ demo: data
 	$(BIN)/transflow run --config configs/text-tweets.yaml --summary run-summary.json
 	scripts/demo_edge.sh
 
-# Vision: masked-image-model pretraining of a small ViT on Fashion-MNIST, then transfer to the digits.
+# Vision: supervised pretraining of a small ViT on Fashion-MNIST, then transfer to the digits.
 demo-vision: data
-	$(BIN)/transflow pretrain --config configs/pretrain-vision-mim.yaml
+	$(BIN)/transflow pretrain --config configs/pretrain-vision-supervised.yaml
 	$(BIN)/transflow run --config configs/vision-digits.yaml
 
 test: setup
