@@ -136,7 +136,7 @@ def train_objective(
                 "bool_masked_pos": random_patch_mask(len(rows), patches, p.mask_ratio, generator),
             }
     else:
-        net = mlm_model(adapter.source_dir)
+        net = mlm_model(model.encoder)
         collate = mlm_collate(adapter.tokenizer, p.mask_ratio)
 
     def batches(epoch: int) -> list[dict[str, torch.Tensor]]:

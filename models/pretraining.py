@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.trainer import progress, to_device
+from models.trainer import fusable, progress, to_device
 
 
 @dataclass
@@ -42,11 +42,18 @@ def random_patch_mask(batch: int, patches: int, ratio: float, generator: torch.G
     return scores.argsort(dim=1).argsort(dim=1) < hidden
 
 
-def mlm_model(source_dir: str) -> nn.Module:
-    """A masked-LM model from an encoder checkpoint (the MLM head is new when the checkpoint lacks it)."""
+def mlm_model(encoder: nn.Module) -> nn.Module:
+    """A masked-LM model around `encoder`'s weights: built from its config (a fresh MLM head, tied to the
+    embeddings), then the encoder weights copied in. Avoids loading an encoder-only checkpoint into an
+    MLM architecture, which can leave the missing head on the meta device."""
     from transformers import AutoModelForMaskedLM
 
-    return AutoModelForMaskedLM.from_pretrained(source_dir)
+    mlm = AutoModelForMaskedLM.from_config(encoder.config)
+    missing, unexpected = mlm.base_model.load_state_dict(encoder.state_dict(), strict=False)
+    if [k for k in [*missing, *unexpected] if "pooler" not in k]:  # MLM models have no pooler
+        raise ValueError(f"encoder does not fit its MLM model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    mlm.tie_weights()
+    return mlm
 
 
 def mlm_collate(tokenizer: Any, probability: float) -> Callable[[list[list[int]]], dict[str, torch.Tensor]]:
@@ -73,7 +80,8 @@ def pretrain(
 
     model.to(device).train()
     total = epochs * len(batches(0))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fusable(params))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total), total)
     result, started = PretrainResult(), time.perf_counter()
     for epoch in range(epochs):

@@ -1,0 +1,366 @@
+"""Unit tests of the benchmark suite's pure helpers: formulas, timing bookkeeping, the overhead split, the runner's
+result merging and Markdown rendering. Nothing here times anything or asserts on a duration."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import __main__ as runner
+from benchmarks import bench_limits, bench_pipeline, bench_training
+
+ZEN4_CPUINFO = (
+    "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\ncpu MHz\t\t: 2596.140\ncpu MHz\t\t: 2600.0\n"
+)
+INTEL_CPUINFO = "vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel\t\t: 143\ncpu MHz\t\t: 2100.000\n"
+
+
+# --- limits: FLOPs and peak ----------------------------------------------------------------------------------
+
+
+def test_minilm_matmul_params_and_flops_follow_the_stated_formula() -> None:
+    p = bench_limits.matmul_params(layers=6, hidden=384, intermediate=1536)
+    assert p == 6 * (4 * 384 * 384 + 2 * 384 * 1536) == 10_616_832
+    flops = bench_limits.flops_per_sequence(p, layers=6, hidden=384, seq=64, head_params=384 * 3)
+    assert flops["dense"] == 2 * p * 64
+    assert flops["attention"] == 4 * 6 * 64 * 64 * 384
+    assert flops["head"] == 2 * 384 * 3
+    assert flops["total"] == flops["dense"] + flops["attention"] + flops["head"]
+    assert flops["total"] / 1e9 == pytest.approx(1.397, abs=1e-3)
+
+
+def test_attention_term_grows_with_the_square_of_the_sequence() -> None:
+    short = bench_limits.flops_per_sequence(0, 6, 384, 64)["attention"]
+    long = bench_limits.flops_per_sequence(0, 6, 384, 128)["attention"]
+    assert long == 4 * short
+
+
+def test_peak_is_cores_ghz_fma_lanes_two_and_int8_is_four_times() -> None:
+    peak = bench_limits.peak_gflops(cores=2, ghz=2.596)
+    assert peak["fp32"] == pytest.approx(2 * 2.596 * 2 * 16 * 2)
+    assert peak["int8_vnni"] == pytest.approx(4 * peak["fp32"])
+
+
+def test_frequency_prefers_lscpu_max_then_the_highest_cpuinfo_clock() -> None:
+    assert bench_limits.cpu_ghz(ZEN4_CPUINFO, "CPU max MHz:  3700.0000\n") == (3.7, "lscpu 'CPU max MHz'")
+    ghz, source = bench_limits.cpu_ghz(ZEN4_CPUINFO, "Model name: AMD EPYC\n")
+    assert ghz == pytest.approx(2.6) and "cpuinfo" in source
+    ghz, source = bench_limits.cpu_ghz("", "")
+    assert ghz != ghz and source == "unknown"  # NaN
+
+
+def test_zen4_gets_the_256_bit_datapath_note_and_intel_does_not() -> None:
+    note = bench_limits.datapath_note(bench_limits.cpu_identity(ZEN4_CPUINFO))
+    assert note and "Zen 4" in note and "half" in note
+    assert bench_limits.datapath_note(bench_limits.cpu_identity(INTEL_CPUINFO)) is None
+
+
+# --- training: workload, timing, ratios ------------------------------------------------------------------------
+
+
+def test_padding_stats_count_what_each_policy_computes_on() -> None:
+    ids = [[1] * 2, [1] * 4, [1] * 6, [1] * 8]
+    stats = bench_training.padding_stats(ids, batch_size=2, max_length=10)
+    assert stats["mean_tokens"] == 5
+    assert stats["dynamic_padded_tokens"] == (2 * 4 + 2 * 8) / 4
+    assert stats["fixed_padded_tokens"] == 10
+    assert stats["dynamic_real_fraction"] == pytest.approx(5 / 6)
+    assert stats["fixed_real_fraction"] == pytest.approx(0.5)
+    mixed = [[1] * 2, [1] * 8, [1] * 2, [1] * 8]  # every batch of 2 holds a long one; grouping pairs them
+    grouped = bench_training.padding_stats(mixed, batch_size=2, max_length=10)
+    assert grouped["dynamic_padded_tokens"] == 8 and grouped["grouped_padded_tokens"] == 5
+
+
+def test_fixed_collate_pads_every_batch_to_the_same_length() -> None:
+    out = bench_training.fixed_collate(pad_id=0, length=5)([[7, 8], [9, 9, 9]])
+    assert out["input_ids"].tolist() == [[7, 8, 0, 0, 0], [9, 9, 9, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
+
+
+def test_adamw_groups_decay_matrices_only() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = bench_training.adamw_groups(model)
+    assert [p.ndim for p in decay["params"]] == [2] and decay["weight_decay"] == bench_training.WEIGHT_DECAY
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_rotation_gives_every_loop_every_position() -> None:
+    names = ["a", "b", "c"]
+    orders = [bench_training.rotated(names, r) for r in range(3)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert {o[0] for o in orders} == set(names)
+
+
+def test_clock_times_only_the_steps_after_the_warmup() -> None:
+    clock = bench_training.Clock(warmup=1, batch_size=4, marks=[0.0, 10.0, 11.0, 13.0])
+    out = clock.result()
+    assert out["timed_steps"] == 2 and out["seconds"] == 3.0
+    assert out["samples_per_s"] == pytest.approx(8 / 3)
+    assert out["step_s"] == [1.0, 2.0]
+    with pytest.raises(RuntimeError):
+        bench_training.Clock(warmup=2, batch_size=4, marks=[0.0, 1.0, 2.0]).result()
+
+
+def test_timed_batches_mark_step_ends_and_validation_marks_the_last() -> None:
+    inner = [({"x": torch.zeros(1)}, torch.zeros(1)) for _ in range(3)]
+    clock = bench_training.Clock(warmup=1, batch_size=1)
+    batches = bench_training.TimedBatches(inner, clock)  # type: ignore[arg-type]
+    val = bench_training.EndMarker(["v"], clock, n_steps=3)
+    assert len(val) == 1 and clock.marks == []  # validation touched before training ends: no mark
+    for i in range(len(batches)):
+        batches[i]
+        batches[i]  # a second request of the same batch is not a new step
+    assert len(clock.marks) == 3
+    list(val)
+    assert len(clock.marks) == 4 and clock.marks == sorted(clock.marks)
+    list(val)
+    assert len(clock.marks) == 4
+
+
+def test_summarise_takes_medians_and_checks_the_goals() -> None:
+    def runs(*sps: float) -> list[dict]:
+        return [{"samples_per_s": s, "median_step_s": 1.0, "threads": 2, "optimizer": "AdamW"} for s in sps]
+
+    out = bench_training.summarise(
+        {
+            "ours": runs(10.0, 12.0, 11.0),
+            "plain": runs(11.0, 11.0, 11.0),
+            "trainer": runs(12.0, 12.0, 12.0),
+            "ours_fixed_padding": runs(5.5, 5.5, 5.5),
+        }
+    )
+    assert out["loops"]["ours"]["samples_per_s"] == 11.0  # no per-step times: the median of rounds
+    assert out["ratios"]["ours_vs_plain"] == pytest.approx(1.0)
+    assert out["ratios"]["ours_vs_trainer"] == pytest.approx(11 / 12)
+    assert out["ratios"]["dynamic_padding_speedup"] == pytest.approx(2.0)
+    assert out["goals"]["ours_vs_plain"]["met"] is True
+    assert out["goals"]["ours_vs_trainer"]["met"] is False
+    assert "ours_vs_trainer_same_optimizer" not in out["ratios"]
+
+
+def test_best_of_rounds_takes_each_steps_fastest_time() -> None:
+    rounds = [{"samples": 8, "step_s": [1.0, 4.0]}, {"samples": 8, "step_s": [3.0, 1.0]}]
+    assert bench_training.best_of_rounds(rounds) == pytest.approx(8 / 2.0)
+    assert (
+        bench_training.best_of_rounds([{"samples": 8, "step_s": [1.0]}, {"samples": 8, "step_s": [1.0, 2.0]}]) is None
+    )
+    out = bench_training.summarise(
+        {
+            "ours": [{**r, "samples_per_s": 1.0, "median_step_s": 1.0, "threads": 2} for r in rounds],
+            "plain": [{"samples": 8, "step_s": [2.0, 2.0], "samples_per_s": 2.0, "median_step_s": 2.0, "threads": 2}],
+        }
+    )
+    assert out["loops"]["ours"]["samples_per_s"] == pytest.approx(4.0)
+    assert out["loops"]["ours"]["samples_per_s_median_of_rounds"] == 1.0
+    assert out["ratios"]["ours_vs_plain"] == pytest.approx(2.0)
+
+
+# --- pipeline: the split -----------------------------------------------------------------------------------------
+
+
+def test_split_adds_up_to_the_wall_time() -> None:
+    seconds = {"flow_fn": 90.0, "server_start": 6.0, "task_call": 80.0, "task_fn": 79.0, "mlflow": 3.0, "dvc": 1.0}
+    parts = bench_pipeline.split(100.0, seconds)
+    assert parts["prefect_flow_engine"] == pytest.approx(4.0)
+    assert parts["prefect_task_engine"] == pytest.approx(1.0)
+    assert parts["prefect"] == pytest.approx(11.0)
+    assert parts["compute"] == pytest.approx(90 - 1 - 3 - 1)
+    total = sum(parts[k] for k in ("prefect", "mlflow", "dvc", "compute"))
+    assert total == pytest.approx(parts["wall"])
+    pct = bench_pipeline.fractions(parts)
+    assert pct["overhead_pct"] == pytest.approx(15.0)
+    assert pct["overhead_without_server_start_pct"] == pytest.approx(9.0)
+
+
+def test_extrapolation_keeps_the_overhead_and_grows_the_compute() -> None:
+    parts = bench_pipeline.split(
+        100.0, {"flow_fn": 90.0, "server_start": 6.0, "task_call": 80.0, "task_fn": 79.0, "mlflow": 3.0, "dvc": 1.0}
+    )
+    demo = bench_pipeline.extrapolate(parts, demo_seconds=590.0)
+    assert demo["demo_wall_s"] == pytest.approx(600.0)
+    assert demo["overhead_s"] == pytest.approx(15.0)
+    assert demo["overhead_pct"] == pytest.approx(2.5)
+    assert demo["overhead_without_server_start_pct"] == pytest.approx(1.5)
+    warm = bench_pipeline.extrapolate(parts, demo_seconds=590.0, warm_start=2.0, store_creation=1.0)
+    assert warm["overhead_warm_pct"] == pytest.approx(100 * (15 - 5) / (600 - 5))
+    assert bench_pipeline.warm_fraction(parts, warm_start=2.0, store_creation=1.0) == pytest.approx(100 * 10 / 95)
+
+
+def test_ledger_counts_nested_calls_once_and_records_inner_time() -> None:
+    ledger = bench_pipeline.Ledger()
+    inner = ledger.timed("mlflow", "inner", lambda run_id, rows: len(rows))
+    outer_mlflow = ledger.timed("mlflow", "outer", lambda: inner("r", [1, 2]))
+    task = ledger.timed("task_call", "t", lambda: outer_mlflow())
+    assert task() == 2
+    names = [c["name"] for c in ledger.calls]
+    assert names == ["outer", "t"]  # the nested mlflow call is inside the outer one
+    t = ledger.calls[-1]
+    assert t["inner"]["mlflow"] == pytest.approx(ledger.total("mlflow"))
+    assert ledger.total("task_call") >= ledger.total("mlflow")
+
+
+def test_per_task_separates_the_function_from_prefect() -> None:
+    calls = [
+        {"category": "task_fn", "name": "run_stage", "seconds": 9.0, "inner": {}},
+        {"category": "task_call", "name": "run_stage", "seconds": 10.0, "inner": {"task_fn": 9.0, "mlflow": 0.5}},
+        {"category": "task_call", "name": "run_stage", "seconds": 5.0, "inner": {"task_fn": 4.5}},
+        {"category": "task_call", "name": "encode", "seconds": 1.0, "inner": {"task_fn": 0.9, "dvc": 0.1}},
+    ]
+    rows = {r["task"]: r for r in bench_pipeline.per_task(calls)}
+    assert rows["run_stage"]["calls"] == 2
+    assert rows["run_stage"]["fn_s"] == pytest.approx(13.5)
+    assert rows["run_stage"]["prefect_s"] == pytest.approx(1.5)
+    assert rows["run_stage"]["mlflow_s"] == pytest.approx(0.5)
+    assert rows["encode"]["dvc_s"] == pytest.approx(0.1)
+
+
+def test_demo_seconds_adds_back_the_training_of_resumed_stages(tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh.json"
+    fresh.write_text(json.dumps({"seconds": 600.0, "stages": [{"seconds": 100.0, "resumed": False}]}))
+    assert bench_pipeline.demo_seconds(fresh)[0] == 600.0
+    resumed = tmp_path / "resumed.json"
+    stages = [{"seconds": 80.0, "resumed": True}, {"seconds": 150.0, "resumed": True}]
+    resumed.write_text(json.dumps({"seconds": 160.0, "stages": stages}))
+    seconds, source = bench_pipeline.demo_seconds(resumed)
+    assert seconds == pytest.approx(390.0) and "reconstructed" in source
+    assert bench_pipeline.demo_seconds(tmp_path / "missing.json")[0] is None
+
+
+def test_patched_restores_own_and_inherited_attributes() -> None:
+    class Base:
+        def f(self) -> str:
+            return "base"
+
+    class Child(Base):
+        def g(self) -> str:
+            return "g"
+
+    with bench_pipeline.patched(Child, "f", lambda self: "patched"), bench_pipeline.patched(Child, "g", lambda s: "x"):
+        assert Child().f() == "patched" and Child().g() == "x"
+    assert Child().f() == "base" and "f" not in vars(Child)
+    assert Child().g() == "g"
+
+
+# --- the runner: merging, paths, rendering -------------------------------------------------------------------------
+
+MACHINE = {
+    "cpu": "AMD EPYC",
+    "cores": 2,
+    "avx512f": True,
+    "avx512_vnni": True,
+    "amx": False,
+    "torch": "2.x",
+    "ghz": 2.6,
+}
+
+
+def merged(benchmarks: dict, quick: bool = True) -> dict:
+    seconds = {name: 10.0 for name in benchmarks}
+    return runner.merge_results(MACHINE, benchmarks, seconds, quick, dt.datetime(2026, 1, 2, 3, 4, 5))
+
+
+def test_merge_puts_the_machine_once_and_flags_a_different_one() -> None:
+    out = merged(
+        {
+            "training": {"ratios": {"ours_vs_plain": 1.0}, "machine": MACHINE},
+            "limits": {"results": {}, "machine": {**MACHINE, "cpu": "other"}},
+            "edge": {"skipped": "not there"},
+        }
+    )
+    assert out["machine"] == MACHINE and out["date"] == "2026-01-02" and out["mode"] == "quick"
+    assert all("machine" not in r for r in out["benchmarks"].values())
+    assert out["machine_mismatch"] == ["limits"]
+    assert out["seconds"]["total"] == 30.0 and out["budget_s"] == 240
+    assert list(out["benchmarks"]) == ["training", "limits", "edge"]
+
+
+def test_a_partial_rerun_replaces_its_benchmarks_and_keeps_the_others() -> None:
+    old = merged({"inference": {"a": 1}, "training": {"old": True}})
+    new = merged({"training": {"new": True}})
+    out = runner.combine(old, new)
+    assert out["benchmarks"] == {"inference": {"a": 1}, "training": {"new": True}}
+    assert out["kept_from_earlier_run"] == ["inference"]
+    assert out["ran"] == {"inference": "2026-01-02T03:04:05", "training": "2026-01-02T03:04:05"}
+    assert out["seconds"]["total"] == 20.0
+    assert runner.combine(merged({"inference": {}}, quick=False), new) == new  # full and quick never mix
+    md = runner.render_markdown(out, "x.json")
+    assert "Kept from earlier runs of the same day: inference (2026-01-02T03:04:05)." in md
+
+
+def test_results_file_is_named_by_machine_and_date() -> None:
+    assert runner.results_path(merged({}, quick=False), "build box/1").name == "build-box-1-2026-01-02.json"
+    assert runner.results_path(merged({}), "vm").name == "vm-2026-01-02-quick.json"
+
+
+def test_selected_keeps_the_suite_order_and_rejects_unknown_names() -> None:
+    assert runner.selected(["limits", "training"], []) == ["training", "limits"]
+    assert "pipeline" not in runner.selected(None, ["pipeline"])
+    with pytest.raises(SystemExit):
+        runner.selected(["nope"], [])
+
+
+def test_md_table_and_numbers() -> None:
+    table = runner.md_table(["a", "b"], [[1234, 0.5], ["x|y", None]])
+    assert table.splitlines() == ["| a | b |", "| --- | --- |", "| 1,234 | 0.50 |", "| x\\|y | – |"]
+    assert runner.fmt(float("nan")) == "n/a" and runner.fmt(True) == "yes" and runner.fmt(0.0001) == "0.0001"
+
+
+def test_goal_rows_cover_reported_goals_probe_and_edge() -> None:
+    training = {"ratios": {"ours_vs_trainer": 0.9}, "goals": {"ours_vs_trainer": {"target": "≥ 1.00×", "met": False}}}
+    rows = runner.goal_rows("training", training)
+    assert rows == [["training", "ours_vs_trainer", "≥ 1.00×", "0.900×", "**not met**"]]
+    probe = runner.goal_rows("probe", {"speedup_per_epoch_after_first": 7.0})
+    assert probe[0][-1] == "**met**"
+    edge = {"ratios": {"overhead_p50_ms_unbatched_c1": 3.0, "swap_failed_requests": 0}}
+    assert [r[-1] for r in runner.goal_rows("edge", edge)] == ["**not met**", "**met**"]
+
+
+def test_render_shows_machine_goals_errors_and_keeps_notes() -> None:
+    doc = merged(
+        {
+            "training": {
+                "ratios": {"ours_vs_plain": 1.01},
+                "goals": {"ours_vs_plain": {"target": "≥ 0.97×", "met": True}},
+            },
+            "edge": {"skipped": "benchmarks/bench_edge.py is not there yet"},
+            "limits": {"error": "boom"},
+            "custom": {"n": 3, "group": {"a": {"x": 1.5}}},
+        }
+    )
+    md = runner.render_markdown(doc, "benchmarks/results/x.json", notes="my finding")
+    assert "AMD EPYC" in md and "AVX-512F, AVX-512 VNNI" in md
+    assert "| training | ours_vs_plain | ≥ 0.97× | 1.010× | **met** |" in md
+    assert "**skipped**: benchmarks/bench_edge.py is not there yet" in md and "**error**: boom" in md
+    assert "| n | 3 |" in md and "| a | 1.50 |" in md  # an unknown benchmark renders generically
+    assert runner.kept_notes(md) == "my finding"
+    again = runner.render_markdown(doc, "x.json", runner.kept_notes(md))
+    assert runner.kept_notes(again) == "my finding"
+    assert runner.kept_notes("# no markers") is None
+
+
+def test_child_writes_the_result_or_why_it_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "fake_bench.py").write_text(
+        "def main(argv):\n"
+        "    if argv == ['--fail']:\n        raise ValueError('bad')\n"
+        "    if argv == ['--exit']:\n        raise SystemExit('no exported run')\n"
+        "    return {'argv': argv, 'x': 1.5}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "fake_bench", raising=False)
+    out = tmp_path / "out.json"
+    assert runner.child("fake_bench", out, ["--quick"]) == 0
+    assert json.loads(out.read_text()) == {"argv": ["--quick"], "x": 1.5}
+    assert runner.child("fake_bench", out, ["--fail"]) == 1
+    assert json.loads(out.read_text())["error"] == "ValueError: bad"
+    assert runner.child("fake_bench", out, ["--exit"]) == 1
+    assert json.loads(out.read_text()) == {"error": "no exported run"}
+
+
+def test_a_missing_benchmark_module_is_skipped_not_run() -> None:
+    result, seconds = runner.run_one("edge", "benchmarks.no_such_bench", [], timeout=1)
+    assert "skipped" in result and seconds == 0.0
