@@ -11,6 +11,7 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 PRODUCT = ["flows", "tasks", "models", "edge", "benchmarks"]
+CALL = "torch." + "load("  # spelled in two parts so this file does not match its own scan
 
 
 def python_files() -> list[Path]:
@@ -21,10 +22,10 @@ def test_every_torch_load_is_weights_only() -> None:
     offenders = []
     for path in python_files():
         for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if "torch.load(" in line and "weights_only=True" not in line:
+            if CALL in line and "weights_only=True" not in line:
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, offenders
-    assert any("torch.load(" in p.read_text() for p in python_files()), "the scan must see the one legitimate call"
+    assert any(CALL in p.read_text() for p in python_files()), "the scan must see the one legitimate call"
 
 
 def test_no_pickle_deserialisation_in_product_code() -> None:
