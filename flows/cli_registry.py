@@ -28,15 +28,14 @@ JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON instead 
 
 def _guarded(call: Callable[[], T]) -> T:
     """Bad input and registry failures become one red line and exit code 2, not a traceback."""
-    from mlflow.exceptions import MlflowException
-
     from tasks.promote import PromotionError
+    from tasks.tracking import tracking_errors
 
     try:
         return call()
     except PromotionError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
-    except (MlflowException, OSError) as exc:
+    except tracking_errors() as exc:
         console.print(f"[bold red]registry error:[/] {type(exc).__name__}: {escape(str(exc))}")
     raise typer.Exit(2)
 

@@ -180,15 +180,13 @@ def read_raw_splits(cfg: DataConfig) -> tuple[dict[str, tuple[list[Any], list[st
     """Read each split's (items, label names) with the modality's reader; count skipped files."""
     if not cfg.path.exists():
         raise DataError(f"data.path {cfg.path} does not exist")
-    if cfg.modality == "text":
-        from models.text import read_text_split
-
-        return {s: read_text_split(cfg.path, s, cfg.format, cfg.text_column, cfg.label_column) for s in SPLITS}, 0
-    from models.vision import read_image_split
+    from models.adapters import read_split
 
     raw, skipped = {}, 0
     for s in SPLITS:
-        items, labels, n_bad = read_image_split(cfg.path, s, cfg.format, cfg.skip_corrupt)
+        items, labels, n_bad = read_split(
+            cfg.modality, cfg.path, s, cfg.format, cfg.text_column, cfg.label_column, cfg.skip_corrupt
+        )
         raw[s], skipped = (items, labels), skipped + n_bad
     return raw, skipped
 

@@ -286,6 +286,13 @@ def _quote(name: str) -> str:
     return name.replace("'", "\\'")
 
 
+def tracking_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a tracking-server call can raise, for callers that report them (no mlflow import there)."""
+    from mlflow.exceptions import MlflowException
+
+    return (MlflowException, OSError)
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}, 'c': [{'d': 2}]} → {'a.b': 1, 'c.0.d': 2}."""
     out: dict[str, Any] = {}
