@@ -147,6 +147,9 @@ def run(
     overrides: list[str] = SET_OPT,
     summary: Path | None = typer.Option(None, help="Where to write run-summary.json (default: in the run dir)."),
     fresh: bool = typer.Option(False, help="Retrain every stage instead of resuming finished ones."),
+    train_on: str | None = typer.Option(
+        None, help="Run the training as this Prefect deployment (e.g. train/train-gpu; needs PREFECT_API_URL)."
+    ),
 ) -> None:
     """Run the retraining flow: verify data, load the backbone, fine-tune stage by stage, evaluate, register."""
     try:
@@ -155,7 +158,7 @@ def run(
         fail(str(exc))
     from flows.retrain import retrain
 
-    retrain(str(config), list(overrides), str(summary) if summary else None, fresh)
+    retrain(str(config), list(overrides), str(summary) if summary else None, fresh, train_on)
 
 
 @app.command("pretrain")

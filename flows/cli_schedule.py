@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 POOL_TYPE = "process"
 POOL_DESCRIPTIONS = {
     "cpu": "Transflow CPU workers: retrain, watch-data (GPUs hidden from flow runs).",
-    "gpu": "Transflow GPU workers: retrain-gpu (start one worker per GPU machine).",
+    "gpu": "Transflow GPU workers: train-gpu, the stages of retrain-gpu (one worker per GPU).",
 }
 
 console = Console()

@@ -94,6 +94,9 @@ class TrainingConfig(_Strict):
     compile: bool | None = Field(default=None, description="None: on with CUDA.")
     checkpoint_every_steps: int = Field(default=200, ge=1)
     num_threads: int | None = Field(default=None, ge=1)
+    processes: int = Field(
+        default=1, ge=1, description="Data-parallel (DDP) processes per stage on this machine, via torchrun."
+    )
 
 
 class EvaluationConfig(_Strict):

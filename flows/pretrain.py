@@ -14,7 +14,7 @@ from prefect import flow, task
 from rich.console import Console
 
 from flows.config import PretrainConfig, load_pretrain_config
-from flows.retrain import verify_data
+from flows.train import verify_data
 from models.backbone import Adapter, TransferModel
 from models.batching import Batches, shuffled
 from models.pretraining import mim_model, mlm_collate, mlm_model, pretrain, random_patch_mask

@@ -1,7 +1,9 @@
-"""The retraining flow, the main job: verify data → load backbone → staged fine-tuning → evaluate → register.
+"""The retraining flow, the main job: verify data → train (staged fine-tuning) → register → export → promote.
 
 Runs on Prefect's local (ephemeral) server with no set-up, or on a real server when PREFECT_API_URL is set.
 One MLflow parent run per flow run, a nested run per stage; the run id is passed to tasks explicitly.
+The heavy part (`flows/train.py`) runs inline, or with `train_deployment` as its own deployment (e.g. on the
+`gpu` work pool), handed the data version and the MLflow run by reference.
 """
 
 from __future__ import annotations
@@ -17,80 +19,62 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.config import RunConfig, load_config
-from models.backbone import HeadOnly
-from models.batching import feature_batches
-from tasks import data as data_tasks
-from tasks.evaluate import baselines, evaluate_model, plot_curves
+from flows.train import MODEL_ARTIFACT, TRAINING_JSON, Trained, train_model, verify_data, workdir_of
+from models.adapters import load_model_dir
+from tasks.data import load_dataset
 from tasks.export import build_bundle, report_dict
 from tasks.export import version_tags as export_tags
-from tasks.finetune import (
-    LIVE,
-    encode,
-    extract_frozen_features,
-    finished,
-    load_backbone,
-    resolve_device,
-    restore_stage,
-    run_stage,
-    use_bf16,
-)
+from tasks.finetune import LIVE, Encoded
 from tasks.lineage import collect_lineage
-from tasks.register import register_model, write_model_dir
 from tasks.tracking import Tracker, resolve_tracking_uri
 
 console = Console()
 
 
-@task(retries=1, retry_delay_seconds=2)
-def verify_data(dvc_file: Path | None) -> str:
-    """Fail before any training if the data on disk is not the version `data.dvc` pins."""
-    if dvc_file is None:
-        return "unversioned"
-    report = data_tasks.verify_data(dvc_file)
-    if not report.ok:
-        raise data_tasks.DataError(f"data does not match {dvc_file}:\n" + "\n".join(report.problems[:20]))
-    return report.version
-
-
-@task(**LIVE)
-def load_data(cfg: RunConfig) -> data_tasks.Dataset:
-    return data_tasks.load_dataset(cfg.data, seed=cfg.training.seed)
+class TrainDeploymentError(RuntimeError):
+    """The `train` deployment's run did not complete; the message carries its state and message."""
 
 
 @flow(name="retrain", log_prints=True)
 def retrain(
-    config_path: str, overrides: list[str] | None = None, summary_path: str | None = None, fresh: bool = False
+    config_path: str,
+    overrides: list[str] | None = None,
+    summary_path: str | None = None,
+    fresh: bool = False,
+    train_deployment: str | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the configured backbone on the configured data and register a `challenger` version."""
+    """Fine-tune the configured backbone on the configured data and register a `challenger` version.
+
+    `train_deployment` ("flow/deployment", e.g. "train/train-gpu") runs the training on that deployment's
+    work pool; by default it runs here, in this process."""
     cfg = load_config(config_path, overrides or [])
-    return run_retrain(cfg, Path(summary_path) if summary_path else None, fresh)
+    remote = {"config_path": config_path, "overrides": list(overrides or []), "deployment": train_deployment}
+    return run_retrain(cfg, Path(summary_path) if summary_path else None, fresh, remote if train_deployment else None)
 
 
-def run_retrain(cfg: RunConfig, summary_path: Path | None = None, fresh: bool = False) -> dict[str, Any]:
+def run_retrain(
+    cfg: RunConfig, summary_path: Path | None = None, fresh: bool = False, remote: dict[str, Any] | None = None
+) -> dict[str, Any]:
     started = time.perf_counter()
+    if remote:  # before anything is opened: a wrong name fails in a second, not after the data check
+        check_deployment(remote["deployment"])
     version = verify_data(cfg.data.dvc_file)
-    dataset = load_data(cfg)
     tracker = Tracker(resolve_tracking_uri(cfg.registry.tracking_uri))
-    workdir = cfg.output_dir / f"{cfg.name}-{version[:8]}-{cfg.config_hash()[:8]}"
-    if fresh and (workdir / "stages").exists():
-        import shutil
-
-        shutil.rmtree(workdir / "stages")
-    adapter, model = load_backbone(
-        cfg.backbone, cfg.data.modality, len(dataset.classes), tracker, workdir, cfg.training.seed
-    )
-    encoded = encode(adapter, dataset)
-    device = resolve_device(cfg.training.device)
-    bf16 = use_bf16(cfg.training.bf16, device)
-
+    workdir = workdir_of(cfg, version)
     lineage = collect_lineage(cfg.data.dvc_file, cfg.config_hash()) | {"backbone": cfg.backbone.uri}
     if cfg.backbone.uri.startswith("models:/"):  # pin what the alias meant at training time
         lineage["backbone_version"] = "/".join(tracker.resolve_version(cfg.backbone.uri))
     run_id = tracker.start_run(cfg.registry.experiment, cfg.name, lineage)
     try:
-        summary = _train_evaluate_register(
-            cfg, tracker, run_id, dataset, adapter, model, encoded, device, bf16, workdir
-        )
+        tracker.log_params(run_id, cfg.resolved())
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(json.dumps(cfg.resolved(), indent=2) + "\n")
+        tracker.log_artifacts(run_id, workdir / "config.json")
+        if remote:
+            trained = train_elsewhere(remote, cfg, version, tracker, run_id, fresh, workdir)
+        else:
+            trained = train_model(cfg, version, tracker, run_id, fresh)
+        summary = register_export_promote(cfg, tracker, run_id, trained, workdir)
         summary |= {"data_version": version, "lineage": lineage, "seconds": round(time.perf_counter() - started, 1)}
         path = summary_path or workdir / "run-summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,76 +89,81 @@ def run_retrain(cfg: RunConfig, summary_path: Path | None = None, fresh: bool = 
     return summary
 
 
-def _train_evaluate_register(cfg, tracker, run_id, dataset, adapter, model, encoded, device, bf16, workdir):
-    tracker.log_params(run_id, cfg.resolved())
-    needs_features = cfg.evaluation.baselines or any(s.kind == "probe" for s in cfg.stages)
-    features = (
-        extract_frozen_features(model, adapter, encoded, cfg.training.eval_batch_size, device)
-        if needs_features
-        else None
-    )
-    metric, stages, histories = cfg.evaluation.metric, [], {}
-    for index, stage in enumerate(cfg.stages):
-        outcome = None if any(not s.get("resumed") for s in stages) else finished(workdir, stage)
-        if outcome:
-            restore_stage(model, workdir, stage)
-        else:
-            child = tracker.start_run(
-                cfg.registry.experiment, f"{cfg.name}/{stage.label}", {"stage": stage.kind}, run_id
-            )
-            tracker.log_params(child, stage.model_dump(mode="json"))
-            outcome = run_stage(
-                model, adapter, encoded, features, stage, index, cfg.training, metric, device, workdir, tracker, child
-            )
-        test = _test_stage(model, adapter, encoded, features, stage.kind, cfg, dataset.classes, device, bf16, workdir)
-        rows = [(f"{stage.label}.test_{k}", test[k], 0) for k in ("accuracy", "macro_f1")]
-        tracker.log_metrics(run_id, [*rows, (f"{stage.label}.best_val_{metric}", outcome.best_metric, 0)])
-        histories[stage.label] = outcome.history
-        stages.append(
-            {
-                "name": stage.label,
-                "kind": stage.kind,
-                "best_epoch": outcome.best_epoch,
-                f"best_val_{metric}": outcome.best_metric,
-                "seconds": round(outcome.seconds, 1),
-                "samples_per_second": round(outcome.samples_per_second, 1),
-                "resumed": outcome.resumed,
-                "test": {k: test[k] for k in ("accuracy", "macro_f1")},
-            }
-        )
-    final = test
-    refs = {}
-    if cfg.evaluation.baselines:
-        train, test_split = dataset.train, dataset.test
-        refs = baselines(
-            adapter, train.items, train.labels, test_split.items, test_split.labels, features, len(dataset.classes)
-        )
-        tracker.log_metrics(run_id, [(f"baseline.{n}.test_{k}", v, 0) for n, m in refs.items() for k, v in m.items()])
-    curves = plot_curves(histories, metric, workdir / "plots" / "validation_curves.png")
-    tracker.log_metrics(run_id, [(f"test_{k}", final[k], 0) for k in ("accuracy", "macro_f1", "loss")])
-    for png in (curves, Path(final["confusion_png"])):
-        tracker.log_artifacts(run_id, png, "plots")
-    (workdir / "classification_report.json").write_text(json.dumps(final["per_class"], indent=2))
-    tracker.log_artifacts(run_id, workdir / "classification_report.json")
+def check_deployment(name: str) -> None:
+    """The `train` deployment must exist on the server this flow reports to (not Prefect's throw-away one)."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
 
-    (workdir / "config.json").write_text(json.dumps(cfg.resolved(), indent=2) + "\n")
-    tracker.log_artifacts(run_id, workdir / "config.json")
-    version, exported = None, None
-    if cfg.registry.enabled:
-        model_dir = write_model_dir(
-            model, adapter, dataset.classes, cfg.backbone.uri, dataset.test.items[:2], workdir / "model"
+    if name.count("/") != 1:
+        raise TrainDeploymentError(f"train_deployment {name!r}: give FLOW/DEPLOYMENT, e.g. train/train-gpu")
+    try:
+        with get_client(sync_client=True) as client:
+            client.read_deployment_by_name(name)
+    except ObjectNotFound:
+        where = PREFECT_API_URL.value() or "Prefect's embedded server (PREFECT_API_URL is not set)"
+        raise TrainDeploymentError(
+            f"no deployment {name!r} on {where}: install them with `transflow schedule install` against your "
+            "Prefect server (PREFECT_API_URL), or leave train_deployment empty to train in this process"
+        ) from None
+
+
+def train_elsewhere(
+    remote: dict[str, Any], cfg: RunConfig, version: str, tracker: Tracker, run_id: str, fresh: bool, workdir: Path
+) -> Trained:
+    """Run the `train` deployment as a subflow and wait; then read its model and results back from the run."""
+    from prefect.deployments import run_deployment
+
+    parameters = {
+        "config_path": remote["config_path"],
+        "overrides": remote["overrides"],
+        "data_version": version,
+        "run_id": run_id,
+        "tracking_uri": tracker.uri,
+        "fresh": fresh,
+    }
+    print(f"training on deployment {remote['deployment']} (data {version[:12]}, MLflow run {run_id})")
+    child = run_deployment(remote["deployment"], parameters=parameters, timeout=None, poll_interval=5)
+    if child.state is None or not child.state.is_completed():
+        state = child.state.name if child.state else "unknown"
+        raise TrainDeploymentError(
+            f"training run {child.name} of {remote['deployment']} ended {state}: "
+            f"{child.state.message if child.state else ''}"
         )
+    return load_trained(cfg, tracker, run_id, workdir / "trained")
+
+
+@task(**LIVE)
+def load_trained(cfg: RunConfig, tracker: Tracker, run_id: str, into: Path) -> Trained:
+    """The trained model and results from the run's artifacts, plus the test split encoded for the export."""
+    results = json.loads(tracker.download(f"runs:/{run_id}/{TRAINING_JSON}", into).read_text())
+    adapter, model, _ = load_model_dir(tracker.download(f"runs:/{run_id}/{MODEL_ARTIFACT}", into))
+    dataset = load_dataset(cfg.data, seed=cfg.training.seed)
+    test = dataset.test
+    encoded = Encoded(([], []), ([], []), (adapter.encode(test.items), test.labels))
+    return Trained(results, model, adapter, encoded, dataset, None)
+
+
+@task(retries=2, retry_delay_seconds=5, **LIVE)
+def register_model(tracker: Tracker, run_id: str, model_name: str, tags: dict[str, str]) -> str:
+    """Register the run's `model/` artifact (idempotent by run id) as `challenger`."""
+    return tracker.register(run_id, model_name, MODEL_ARTIFACT, tags)
+
+
+def register_export_promote(
+    cfg: RunConfig, tracker: Tracker, run_id: str, trained: Trained, workdir: Path
+) -> dict[str, Any]:
+    metric, results = cfg.evaluation.metric, trained.results
+    version, exported, promotion = None, None, None
+    if cfg.registry.enabled:
         tags = tracker.client.get_run(run_id).data.tags
         version_tags = {k: v for k, v in tags.items() if not k.startswith("mlflow.")} | {
-            f"test_{metric}": f"{final[metric]:.4f}",
-            "classes": json.dumps(dataset.classes),
+            f"test_{metric}": f"{results['test'][metric]:.4f}",
+            "classes": json.dumps(results["classes"]),
         }
-        version = register_model(tracker, run_id, model_dir, cfg.registry.model_name, version_tags)
+        version = register_model(tracker, run_id, cfg.registry.model_name, version_tags)
         if cfg.export.enabled:
-            exported = export_and_log(
-                cfg, tracker, run_id, version, model, adapter, encoded, dataset, version_tags, final["logits"], workdir
-            )
-    promotion = None
+            exported = export_and_log(cfg, tracker, run_id, version, trained, version_tags, workdir)
     if version and cfg.registry.auto_promote:
         promotion = auto_promote(tracker, cfg.registry.model_name, version, workdir)
     return {
@@ -185,29 +174,27 @@ def _train_evaluate_register(cfg, tracker, run_id, dataset, adapter, model, enco
         "model_version": version,
         "alias": "challenger",
         "tracking_uri": tracker.uri,
-        "classes": dataset.classes,
-        "stages": stages,
-        "test": {k: final[k] for k in ("accuracy", "macro_f1", "loss")},
-        "baselines": refs,
-        "sizes": {s: len(dataset.split(s)) for s in ("train", "validation", "test")},
+        **results,
     }
 
 
-def export_and_log(cfg, tracker, run_id, version, model, adapter, encoded, dataset, lineage, torch_logits, workdir):
+def export_and_log(
+    cfg: RunConfig, tracker: Tracker, run_id: str, version: str, trained: Trained, lineage: dict, workdir: Path
+) -> dict[str, Any]:
     """Export the registered model, log the bundle and the ONNX flavour, tag the version with the results."""
     meta = {"name": cfg.registry.model_name, "version": version, "lineage": lineage}
     report = build_bundle(
-        model,
-        adapter,
-        encoded.batches(adapter, "test", cfg.training.eval_batch_size, sort=True),
-        dataset.test.items,
-        dataset.classes,
+        trained.model,
+        trained.adapter,
+        trained.encoded.batches(trained.adapter, "test", cfg.training.eval_batch_size, sort=True),
+        trained.dataset.test.items,
+        trained.results["classes"],
         meta,
         workdir / "export",
         cfg.export.opset,
         cfg.export.int8,
         cfg.export.int8_budget_pt,
-        torch_logits,
+        trained.test_logits,
     )
     tracker.log_artifacts(run_id, Path(report.bundle_tar), "bundle")
     tracker.log_onnx(run_id, Path(report.bundle_dir) / "model.onnx", workdir / "export")
@@ -226,16 +213,6 @@ def auto_promote(tracker: Tracker, model_name: str, version: str, workdir: Path)
         return {"outcome": "not judged", "reasons": [str(exc)]}
     announce(decision, tracker.uri)
     return decision.to_dict()
-
-
-def _test_stage(model, adapter, encoded, features, kind, cfg, classes, device, bf16, workdir):
-    """Test metrics after a stage; the probe's come from the cached features (same numbers, no encoder pass)."""
-    batches = encoded.batches(adapter, "test", cfg.training.eval_batch_size, sort=True)
-    target = model
-    if kind == "probe" and features is not None:  # same order as the encoder pass: export compares these logits
-        target = HeadOnly(model)
-        batches = feature_batches(features["test"], encoded.test[1], cfg.training.eval_batch_size, None, batches.order)
-    return evaluate_model(target, batches, classes, device, workdir / "plots", bf16)
 
 
 def print_summary(summary: dict[str, Any], path: Path) -> None:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import accuracy_score, f1_score
 from torch import nn
 
+from models import distributed
 from models.batching import Batch
 from models.checkpoint import latest_checkpoint, load_checkpoint, write_checkpoint
 
@@ -120,15 +121,18 @@ def fit(
     `train_batches(epoch)` returns that epoch's (shuffled) batches, so a seeded order is reproducible.
     With `resume_dir`, a complete checkpoint is written every `plan.checkpoint_every` optimizer steps and
     at each epoch end, and training continues from the newest one found there (same batches, same RNG).
+    Under torchrun (a process group, see models/distributed.py) each rank trains on its shard of every epoch,
+    DDP averages the gradients, and rank 0 alone writes checkpoints and calls `on_epoch`.
     """
     from transformers import get_linear_schedule_with_warmup
 
-    n_batches = len(train_batches(0))
+    n_batches = len(distributed.shard(train_batches(0)))
     total_steps = plan.epochs * math.ceil(n_batches / plan.grad_accum_steps)
     trainable = [p for g in groups for p in g["params"]]
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=fusable(trainable))
     scheduler = get_linear_schedule_with_warmup(optimizer, int(plan.warmup_ratio * total_steps), total_steps)
-    forward = torch.compile(model, dynamic=True) if plan.compile else model  # same weights, compiled graph
+    forward = distributed.wrap(model, plan.device)  # DDP under torchrun, else the model itself
+    forward = torch.compile(forward, dynamic=True) if plan.compile else forward  # same weights, compiled graph
     pos = {"epoch": 0, "batch": 0, "step": 0, "epoch_loss": 0.0, "epoch_seen": 0, "seen": 0, "bad_epochs": 0}
     result, started = FitResult(), time.perf_counter()
     found = latest_checkpoint(resume_dir) if resume_dir else None
@@ -142,7 +146,7 @@ def fit(
         result.step_losses = [tuple(x) for x in pos.pop("step_losses")]
 
     def save_position(epoch: int, batch: int) -> None:
-        if resume_dir:
+        if resume_dir and distributed.is_main():
             state = pos | {
                 "epoch": epoch,
                 "batch": batch,
@@ -159,7 +163,7 @@ def fit(
         if first == 0:
             pos["epoch_loss"], pos["epoch_seen"] = 0.0, 0
         epoch_start, session_seen = time.perf_counter(), 0
-        batches = train_batches(epoch)
+        batches = distributed.shard(train_batches(epoch))
         with _progress() as bar:
             task = bar.add_task(
                 f"{title} epoch {epoch + 1}/{plan.epochs}", total=len(batches), info="", completed=first
@@ -192,6 +196,7 @@ def fit(
         pos["seen"] += pos["epoch_seen"]
         train_seconds = time.perf_counter() - epoch_start
         val = evaluate(model, val_batches, plan.device, plan.bf16, f"{title} validation")
+        val[plan.metric] = distributed.agree(val[plan.metric])  # every rank takes rank 0's keep/stop decision
         row = {
             "epoch": epoch + 1,
             "train_loss": pos["epoch_loss"] / pos["epoch_seen"],
@@ -199,21 +204,23 @@ def fit(
         }
         row.update({f"val_{k}": v for k, v in val.items()})
         result.history.append(row)
-        if on_epoch:
+        if on_epoch and distributed.is_main():
             on_epoch(row)
         stop = False
         if val[plan.metric] > result.best_metric:
             result.best_metric, result.best_epoch, pos["bad_epochs"] = val[plan.metric], epoch + 1, 0
-            save_state(model, checkpoint)
+            if distributed.is_main():
+                save_state(model, checkpoint)
         else:
             pos["bad_epochs"] += 1
             stop = bool(plan.patience and pos["bad_epochs"] >= plan.patience)
         save_position(plan.epochs if stop else epoch + 1, 0)
         if stop:
             break
+    distributed.barrier()  # rank 0 has written the best checkpoint
     load_state(model, checkpoint)
     result.seconds = time.perf_counter() - started
-    result.samples_per_second = pos["seen"] / result.seconds
+    result.samples_per_second = pos["seen"] * distributed.world_size() / result.seconds  # all ranks together
     return result
 
 
@@ -246,4 +253,5 @@ def _progress() -> Progress:
         TextColumn("{task.fields[info]}"),
         TimeRemainingColumn(),
         transient=False,
+        disable=not distributed.is_main(),  # one bar, not one per DDP rank
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import BackboneConfig, StageConfig, TrainingConfig
+from models import distributed
 from models.adapters import make_adapter
 from models.backbone import Adapter, TransferModel
 from models.batching import Batches, by_length, feature_batches, shuffled
@@ -39,6 +40,12 @@ def resolve_device(requested: str) -> str:
 def use_bf16(requested: bool | None, device: str) -> bool:
     supported = device.startswith("cuda") and torch.cuda.is_bf16_supported()
     return supported if requested is None else requested and supported
+
+
+def apply_threads(training: TrainingConfig) -> None:
+    """`training.num_threads`: cap torch's CPU threads (e.g. several runs sharing one machine)."""
+    if training.num_threads:
+        torch.set_num_threads(training.num_threads)
 
 
 def use_compile(requested: bool | None, device: str) -> bool:
@@ -142,7 +149,38 @@ def run_stage(
     tracker: Tracker,
     stage_run_id: str,
 ) -> StageOutcome:
-    """Train one stage in place (probe: on cached features), log each epoch, mark it done."""
+    """Train one stage in place (probe: on cached features), log each epoch, mark it done.
+
+    With `training.processes > 1` the stage runs data-parallel in `torchrun` worker processes (tasks/ddp_stage.py)
+    that start from this model's weights; their result is read back from the stage directory."""
+    if training.processes > 1 and stage.kind != "probe":  # the probe trains a head on cached features: no gain
+        from tasks.ddp_stage import launch
+
+        launch(model, stage, index, training.processes, device, workdir, tracker.uri, stage_run_id)
+        restore_stage(model, workdir, stage)
+        outcome = finished(workdir, stage)
+        assert outcome is not None, "launch() checks done.json"
+        return replace(outcome, resumed=False)
+    return train_one_stage(
+        model, adapter, data, features, stage, index, training, metric, device, workdir, tracker, stage_run_id
+    )
+
+
+def train_one_stage(
+    model: TransferModel,
+    adapter: Adapter,
+    data: Encoded,
+    features: dict[str, torch.Tensor] | None,
+    stage: StageConfig,
+    index: int,
+    training: TrainingConfig,
+    metric: str,
+    device: str,
+    workdir: Path,
+    tracker: Tracker,
+    stage_run_id: str,
+) -> StageOutcome:
+    """The stage itself, in this process (or in each DDP rank, where only rank 0 logs and writes)."""
     seed = training.seed + index
     seed_everything(seed)
     model.to(device)
@@ -185,8 +223,6 @@ def run_stage(
         stage.label,
         resume_dir=out / "checkpoints",
     )
-    tracker.log_metrics(stage_run_id, [("step_loss", loss, step) for step, loss in result.step_losses])
-    save_state(model, out / "final.safetensors")
     outcome = StageOutcome(
         stage.label,
         stage.kind,
@@ -197,8 +233,11 @@ def run_stage(
         result.history,
         result.step_losses,
     )
-    (out / "done.json").write_text(json.dumps(asdict(outcome), indent=2))
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the stage is done: final.safetensors is what counts
+    if distributed.is_main():
+        tracker.log_metrics(stage_run_id, [("step_loss", loss, step) for step, loss in result.step_losses])
+        save_state(model, out / "final.safetensors")
+        (out / "done.json").write_text(json.dumps(asdict(outcome), indent=2))
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the stage is done: final.safetensors is what counts
     return outcome
 
 

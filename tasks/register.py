@@ -6,11 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect import task
-
 from models.backbone import Adapter, TransferModel, save_model
-from tasks.finetune import LIVE
-from tasks.tracking import Tracker
 
 FORMAT_VERSION = 1
 
@@ -38,13 +34,6 @@ def write_model_dir(
     (out / "signature.json").write_text(json.dumps(signature, indent=2) + "\n")
     (out / "input_example.json").write_text(json.dumps({"inputs": [str(x) for x in example]}, indent=2) + "\n")
     return out
-
-
-@task(retries=2, retry_delay_seconds=5, **LIVE)
-def register_model(tracker: Tracker, run_id: str, model_dir: Path, model_name: str, tags: dict[str, str]) -> str:
-    """Upload the model directory to the run and register it (idempotent by run id) as `challenger`."""
-    tracker.log_artifacts(run_id, model_dir, "model")
-    return tracker.register(run_id, model_name, "model", tags)
 
 
 def write_backbone_dir(encoder: Any, adapter: Adapter, meta: dict[str, Any], out: Path) -> Path:

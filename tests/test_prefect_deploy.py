@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,8 +25,9 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from flows.cli import app
+from flows.config import load_config
 from tasks.gpu import GpuPreflightError, preflight
-from tests.prefect_server import ROOT, Service, start_server, start_worker, stop
+from tests.prefect_server import ROOT, Service, prefect_env, start_server, start_worker, stop
 
 integration, slow = pytest.mark.integration, pytest.mark.slow
 SMOKE = "configs/smoke-text.yaml"
@@ -94,14 +96,17 @@ def pinned(repo: Path) -> str:
 @slow
 def test_install_applies_prefect_yaml_and_the_pool_templates(installed: str) -> None:
     spec = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
-    assert {"retrain", "retrain-gpu", "watch-data", "promote", "deploy-edge"} <= set(spec)
+    assert {"retrain", "retrain-gpu", "train-gpu", "watch-data", "promote", "deploy-edge"} <= set(spec)
     with sync_client() as client:
         for pool in ("cpu", "gpu"):
             found = client.read_work_pool(pool)
             assert found.type == "process"
             assert found.base_job_template == json.loads((ROOT / f"deploy/work-pools/{pool}.json").read_text())
+        deployed = {d.name: d for d in client.read_deployments()}
+        assert client.read_deployment_by_name("retrain/retrain-gpu").id == deployed["retrain-gpu"].id
+        assert client.read_deployment_by_name("train/train-gpu").work_pool_name == "gpu"
         for name, want in spec.items():
-            got = client.read_deployment_by_name(f"{name}/{name}")  # each deployment is named after its flow
+            got = deployed[name]
             assert got.entrypoint == want["entrypoint"] and got.work_pool_name == want["work_pool"]["name"]
             assert got.parameters == want["parameters"]
             assert [_schedule_fields(s.schedule, s.slug) for s in got.schedules] == [
@@ -132,7 +137,7 @@ def test_schedule_list_and_pause_resume(installed: str, monkeypatch: pytest.Monk
     listed = runner.invoke(app, ["schedule", "list"])
     assert listed.exit_code == 0, listed.output
     assert "retrain/retrain" in listed.output and "cron 30 3 * * 1 (UTC)" in listed.output
-    assert "every 0:15:00 (UTC)" in listed.output and "retrain-gpu/retrain-gpu" in listed.output
+    assert "every 0:15:00 (UTC)" in listed.output and "retrain/retrain-gpu" in listed.output
     assert len(re.findall(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", listed.output)) == 6, "3 next runs per schedule"
     paused = runner.invoke(app, ["schedule", "pause", "retrain"])
     assert paused.exit_code == 0, paused.output
@@ -158,13 +163,7 @@ def test_retrain_deployment_runs_on_the_cpu_worker_and_registers_a_version(
 ) -> None:
     from prefect.deployments import run_deployment
 
-    overrides = [
-        f"data.path={tweets_repo / 'data'}",
-        f"data.dvc_file={tweets_repo / 'data.dvc'}",
-        f"backbone.uri={tiny_bert_dir}",
-        f"output_dir={tmp_path / 'runs'}",
-        f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-    ]
+    overrides = smoke_overrides(tweets_repo, tiny_bert_dir, tmp_path)
     started = time.perf_counter()
     run = run_deployment(
         "retrain/retrain",
@@ -280,40 +279,128 @@ def test_watch_data_starts_exactly_one_retrain_per_new_data_version(installed: s
 # --- GPU preflight --------------------------------------------------------------------------------
 
 
-@integration
-@slow
-def test_gpu_deployment_fails_fast_with_the_preflight_message(
-    installed: str, prefect_api: Api, tweets_repo: Path, tiny_bert_dir: Path, tmp_path: Path
-) -> None:
-    import torch
-    from prefect.deployments import run_deployment
-
-    if torch.cuda.is_available():
-        pytest.skip("this test proves the failure on a machine without a usable GPU")
-    overrides = [
+def smoke_overrides(tweets_repo: Path, tiny_bert_dir: Path, tmp_path: Path) -> list[str]:
+    return [
         f"data.path={tweets_repo / 'data'}",
         f"data.dvc_file={tweets_repo / 'data.dvc'}",
         f"backbone.uri={tiny_bert_dir}",
         f"output_dir={tmp_path / 'runs'}",
         f"registry.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ]
-    run = run_deployment(
-        "retrain-gpu/retrain-gpu",
-        parameters={"config_path": SMOKE, "overrides": overrides},
-        timeout=0,
+
+
+def runs_of(deployment: str, parent_run_id: object) -> list:
+    """Flow runs of `deployment` started as subflows of `parent_run_id` (run_deployment links them by task run)."""
+    with sync_client() as client:
+        found = [r for r in flow_runs_of(deployment) if r.parent_task_run_id]
+        return [r for r in found if client.read_task_run(r.parent_task_run_id).flow_run_id == parent_run_id]
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := condition():
+            return found
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@integration
+@slow
+def test_training_runs_as_its_own_deployment_passing_data_and_model_by_reference(
+    cpu_worker: Service, prefect_api: Api, tweets_repo: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """`retrain` with `train_deployment`: the stages run in another flow run (here `train/train-cpu` on the cpu
+    pool, as `train/train-gpu` would on the gpu pool); the model comes back through MLflow, then register+export."""
+    from prefect.deployments import run_deployment
+
+    deploy = ["deploy", "flows/train.py:train", "--name", "train-cpu", "--pool", "cpu"]
+    deployed = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", *deploy],
+        cwd=ROOT,
+        env=prefect_env(prefect_api.home, prefect_api.url),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    overrides = smoke_overrides(tweets_repo, tiny_bert_dir, tmp_path)
+    parent = run_deployment(
+        "retrain/retrain",
+        parameters={"config_path": SMOKE, "overrides": overrides, "train_deployment": "train/train-cpu"},
+        timeout=600,
+        poll_interval=2,
         as_subflow=False,
     )
+    assert parent.state is not None and parent.state.is_completed(), f"{parent.state}\n{cpu_worker.tail()}"
+    [child] = runs_of("train/train-cpu", parent.id)
+    assert child.state is not None and child.state.is_completed()
+    assert child.infrastructure_pid and child.infrastructure_pid != parent.infrastructure_pid, "its own process"
+    assert set(child.parameters) >= {"data_version", "run_id", "tracking_uri"}, "handed over by reference"
+    assert child.parameters["data_version"] == pinned(tweets_repo)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("smoke-text", "challenger")
+    assert version.run_id == child.parameters["run_id"], "the version is the model the train run logged"
+    assert version.tags["data_version"] == pinned(tweets_repo) and version.tags["exported"] == "true"
+    assert version.tags["onnx.parity_passed"] == "true", "exported from the model read back from MLflow"
+    top = {a.path for a in client.list_artifacts(version.run_id)}
+    assert {"model", "training.json", "bundle", "config.json"} <= top
+    stage_runs = client.search_runs(
+        [client.get_run(version.run_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{version.run_id}'",
+    )
+    assert len(stage_runs) == len(load_config(str(ROOT / SMOKE)).stages), "one nested run per stage, in the parent"
+
+
+@integration
+@slow
+@pytest.mark.parametrize(
+    ("name", "message"), [("train/no-such", "no deployment 'train/no-such' on http"), ("x", "give FLOW/DEPLOYMENT")]
+)
+def test_unknown_train_deployment_fails_before_any_run_is_opened(
+    installed: str, tweets_repo: Path, tiny_bert_dir: Path, tmp_path: Path, name: str, message: str
+) -> None:
+    from flows.retrain import TrainDeploymentError, retrain
+
+    with pytest.raises(TrainDeploymentError, match=message):
+        retrain(str(ROOT / SMOKE), smoke_overrides(tweets_repo, tiny_bert_dir, tmp_path), train_deployment=name)
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+@integration
+@slow
+def test_gpu_training_deployment_fails_fast_with_the_preflight_message(
+    cpu_worker: Service, prefect_api: Api, tweets_repo: Path, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """`retrain/retrain-gpu` runs on the cpu pool and hands the stages to `train/train-gpu` on the gpu pool,
+    whose preflight fails on this machine: both runs fail with the preflight's message, nothing is trained."""
+    import torch
+    from prefect.deployments import run_deployment
+
+    if torch.cuda.is_available():
+        pytest.skip("this test proves the failure on a machine without a usable GPU")
+    overrides = smoke_overrides(tweets_repo, tiny_bert_dir, tmp_path)
+    parent = run_deployment(
+        "retrain/retrain-gpu", parameters={"config_path": SMOKE, "overrides": overrides}, timeout=0, as_subflow=False
+    )
+    [child] = wait_for(lambda: runs_of("train/train-gpu", parent.id), 300, "the train-gpu run")
     worker = start_worker(prefect_api.home, prefect_api.url, "gpu", "--run-once", "--limit", "1")
     try:
         worker.proc.wait(timeout=300)
     finally:
         stop(worker)
     with sync_client() as client:
-        final = client.read_flow_run(run.id)
-    assert final.state is not None and final.state.is_failed(), f"{final.state}\n{worker.tail()}"
-    assert "GPU preflight failed" in final.state.message and "CUDA is not visible" in final.state.message
-    assert final.work_pool_name == "gpu"
-    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists(), "failed before any work"
+        final = wait_for(lambda: (r := client.read_flow_run(parent.id)).state.is_final() and r, 120, "the parent")
+        child = client.read_flow_run(child.id)
+    for run in (child, final):
+        assert run.state is not None and run.state.is_failed(), f"{run.state}\n{worker.tail()}"
+        assert "GPU preflight failed" in run.state.message and "CUDA is not visible" in run.state.message
+    assert (child.work_pool_name, final.work_pool_name) == ("gpu", "cpu")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("transflow").experiment_id])
+    assert run.info.status == "FAILED", "the orchestrator closed its MLflow run as failed"
+    assert client.search_registered_models() == [], "nothing registered"
+    assert not list((tmp_path / "runs").glob("*/stages")), "failed before any training"
 
 
 def fake_torch(cuda: str | None = "12.4", visible: bool = True, free_gib: float = 70, bf16: bool = True):

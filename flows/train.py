@@ -1,0 +1,204 @@
+"""`train`: the heavy part of retraining — frozen features, the staged fine-tuning, test metrics, baselines.
+
+`retrain` runs it inline by default (one process, the embedded default). With `train_deployment` set,
+`retrain` starts it as its own Prefect deployment, e.g. `train/train-gpu` on the `gpu` work pool, and
+passes everything by reference: the config path and overrides, the DVC data version the worker must have,
+the MLflow tracking URI and the parent run id. The flow writes back by reference too: the model directory as
+the run's `model/` artifact and its results as `training.json`, both read by `retrain` from MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import RunConfig, load_config
+from models.backbone import Adapter, HeadOnly, TransferModel
+from models.batching import feature_batches
+from tasks import data as data_tasks
+from tasks.evaluate import baselines, evaluate_model, plot_curves
+from tasks.finetune import (
+    LIVE,
+    Encoded,
+    apply_threads,
+    encode,
+    extract_frozen_features,
+    finished,
+    load_backbone,
+    resolve_device,
+    restore_stage,
+    run_stage,
+    use_bf16,
+)
+from tasks.gpu import preflight
+from tasks.register import write_model_dir
+from tasks.tracking import Tracker
+
+TRAINING_JSON = "training.json"  # the run artifact `retrain` reads the results from
+MODEL_ARTIFACT = "model"  # the run artifact holding the fine-tuned model directory
+
+gpu_preflight = task(preflight, name="gpu-preflight", retries=0, cache_policy=NO_CACHE)  # a GPU frees up or not
+
+
+@task(retries=1, retry_delay_seconds=2)
+def verify_data(dvc_file: Path | None) -> str:
+    """Fail before any training if the data on disk is not the version `data.dvc` pins."""
+    if dvc_file is None:
+        return "unversioned"
+    report = data_tasks.verify_data(dvc_file)
+    if not report.ok:
+        raise data_tasks.DataError(f"data does not match {dvc_file}:\n" + "\n".join(report.problems[:20]))
+    return report.version
+
+
+@task(**LIVE)
+def load_data(cfg: RunConfig) -> data_tasks.Dataset:
+    return data_tasks.load_dataset(cfg.data, seed=cfg.training.seed)
+
+
+@dataclass
+class Trained:
+    """What the heavy part produced: JSON results (also in the run) and, inline, the live objects."""
+
+    results: dict[str, Any]
+    model: TransferModel
+    adapter: Adapter
+    encoded: Encoded
+    dataset: data_tasks.Dataset
+    test_logits: np.ndarray | None  # None when loaded back from the run: the export recomputes them
+
+
+@flow(name="train", log_prints=True)
+def train(
+    config_path: str,
+    data_version: str,
+    run_id: str,
+    tracking_uri: str,
+    overrides: list[str] | None = None,
+    fresh: bool = False,
+    require_gpu: bool = False,
+    min_free_gib: float = 2.0,
+) -> dict[str, Any]:
+    """Train into MLflow run `run_id`, on the data version the orchestrator verified; results by reference."""
+    cfg = load_config(config_path, [*(overrides or []), *(["training.device=cuda"] if require_gpu else [])])
+    if require_gpu:  # before any data is read: a CPU-only worker fails in seconds, naming what is missing
+        print(f"GPU preflight: {gpu_preflight(min_free_gib, require_bf16=cfg.training.bf16 is True)}")
+    found = verify_data(cfg.data.dvc_file)
+    if found != data_version:
+        raise data_tasks.DataError(
+            f"this worker has data version {found} but the run expects {data_version}: check out the same "
+            f"commit and `dvc pull` on the worker (data.dvc_file: {cfg.data.dvc_file})"
+        )
+    trained = train_model(cfg, data_version, Tracker(tracking_uri), run_id, fresh)
+    return trained.results
+
+
+def workdir_of(cfg: RunConfig, data_version: str) -> Path:
+    """Where one config on one data version keeps its stages, plots and model: re-runs resume here."""
+    return cfg.output_dir / f"{cfg.name}-{data_version[:8]}-{cfg.config_hash()[:8]}"
+
+
+def train_model(cfg: RunConfig, data_version: str, tracker: Tracker, run_id: str, fresh: bool = False) -> Trained:
+    """Backbone → encode → frozen features → each stage (resumed when done) → test → baselines → plots;
+    logs the model directory and `training.json` to the run."""
+    apply_threads(cfg.training)
+    dataset = load_data(cfg)
+    workdir = workdir_of(cfg, data_version)
+    if fresh and (workdir / "stages").exists():
+        import shutil
+
+        shutil.rmtree(workdir / "stages")
+    adapter, model = load_backbone(
+        cfg.backbone, cfg.data.modality, len(dataset.classes), tracker, workdir, cfg.training.seed
+    )
+    encoded = encode(adapter, dataset)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(cfg.resolved(), indent=2) + "\n")  # what DDP ranks rebuild from
+    device = resolve_device(cfg.training.device)
+    bf16 = use_bf16(cfg.training.bf16, device)
+    needs_features = cfg.evaluation.baselines or any(s.kind == "probe" for s in cfg.stages)
+    features = (
+        extract_frozen_features(model, adapter, encoded, cfg.training.eval_batch_size, device)
+        if needs_features
+        else None
+    )
+    metric, stages, histories = cfg.evaluation.metric, [], {}
+    for index, stage in enumerate(cfg.stages):
+        outcome = None if any(not s.get("resumed") for s in stages) else finished(workdir, stage)
+        if outcome:
+            restore_stage(model, workdir, stage)
+        else:
+            child = tracker.start_run(
+                cfg.registry.experiment, f"{cfg.name}/{stage.label}", {"stage": stage.kind}, run_id
+            )
+            tracker.log_params(child, stage.model_dump(mode="json"))
+            outcome = run_stage(
+                model, adapter, encoded, features, stage, index, cfg.training, metric, device, workdir, tracker, child
+            )
+        test = _test_stage(model, adapter, encoded, features, stage.kind, cfg, dataset.classes, device, bf16, workdir)
+        rows = [(f"{stage.label}.test_{k}", test[k], 0) for k in ("accuracy", "macro_f1")]
+        tracker.log_metrics(run_id, [*rows, (f"{stage.label}.best_val_{metric}", outcome.best_metric, 0)])
+        histories[stage.label] = outcome.history
+        stages.append(
+            {
+                "name": stage.label,
+                "kind": stage.kind,
+                "best_epoch": outcome.best_epoch,
+                f"best_val_{metric}": outcome.best_metric,
+                "seconds": round(outcome.seconds, 1),
+                "samples_per_second": round(outcome.samples_per_second, 1),
+                "resumed": outcome.resumed,
+                "test": {k: test[k] for k in ("accuracy", "macro_f1")},
+            }
+        )
+    final = test
+    refs = {}
+    if cfg.evaluation.baselines:
+        train_split, test_split = dataset.train, dataset.test
+        refs = baselines(
+            adapter,
+            train_split.items,
+            train_split.labels,
+            test_split.items,
+            test_split.labels,
+            features,
+            len(dataset.classes),
+        )
+        tracker.log_metrics(run_id, [(f"baseline.{n}.test_{k}", v, 0) for n, m in refs.items() for k, v in m.items()])
+    curves = plot_curves(histories, metric, workdir / "plots" / "validation_curves.png")
+    tracker.log_metrics(run_id, [(f"test_{k}", final[k], 0) for k in ("accuracy", "macro_f1", "loss")])
+    for png in (curves, Path(final["confusion_png"])):
+        tracker.log_artifacts(run_id, png, "plots")
+    (workdir / "classification_report.json").write_text(json.dumps(final["per_class"], indent=2))
+    tracker.log_artifacts(run_id, workdir / "classification_report.json")
+    model_dir = write_model_dir(
+        model, adapter, dataset.classes, cfg.backbone.uri, dataset.test.items[:2], workdir / MODEL_ARTIFACT
+    )
+    tracker.log_artifacts(run_id, model_dir, MODEL_ARTIFACT)
+    results = {
+        "classes": dataset.classes,
+        "stages": stages,
+        "test": {k: final[k] for k in ("accuracy", "macro_f1", "loss")},
+        "baselines": refs,
+        "sizes": {s: len(dataset.split(s)) for s in ("train", "validation", "test")},
+        "device": device,
+    }
+    (workdir / TRAINING_JSON).write_text(json.dumps(results, indent=2) + "\n")
+    tracker.log_artifacts(run_id, workdir / TRAINING_JSON)
+    return Trained(results, model, adapter, encoded, dataset, final["logits"])
+
+
+def _test_stage(model, adapter, encoded, features, kind, cfg, classes, device, bf16, workdir):
+    """Test metrics after a stage; the probe's come from the cached features (same numbers, no encoder pass)."""
+    batches = encoded.batches(adapter, "test", cfg.training.eval_batch_size, sort=True)
+    target = model
+    if kind == "probe" and features is not None:  # same order as the encoder pass: export compares these logits
+        target = HeadOnly(model)
+        batches = feature_batches(features["test"], encoded.test[1], cfg.training.eval_batch_size, None, batches.order)
+    return evaluate_model(target, batches, classes, device, workdir / "plots", bf16)
