@@ -19,8 +19,7 @@ from torch import nn
 
 from models.distributed import RankShard, shard
 from models.trainer import FitPlan, fit
-from tests.conftest import ROOT
-from tests.prefect_server import free_port
+from tests.prefect_server import ROOT, free_port  # not tests.conftest: spawned ranks import this module
 
 WORLD, BATCH, N_BATCHES, EPOCHS = 2, 4, 6, 2
 
