@@ -3,7 +3,7 @@
 The calling process (`run_stage`) writes the model's current weights to `stages/<label>/start.safetensors`
 and starts `python -m torch.distributed.run --standalone --nproc-per-node N -m tasks.ddp_stage …`. Each rank
 rebuilds the same model from the run's `config.json` and those weights, joins the process group (NCCL, one GPU
-per rank, or gloo on CPU) and runs the very stage code of the one-process path (`train_one_stage`) on its shard
+per rank, or gloo on CPU) and runs the very stage code of the one-process path (`run_stage.fn`) on its shard
 of every epoch. Rank 0 logs to the stage's MLflow run and writes `final.safetensors` + `done.json`, which the
 caller then loads: weights cross process boundaries as files, never as pickles.
 """
@@ -66,7 +66,7 @@ def run_rank(workdir: Path, index: int, device: str, tracking_uri: str, stage_ru
     from models import distributed
     from models.trainer import load_state
     from tasks.data import load_dataset
-    from tasks.finetune import apply_threads, encode, load_backbone, stage_dir, train_one_stage
+    from tasks.finetune import apply_threads, encode, load_backbone, run_stage, stage_dir
     from tasks.tracking import Tracker
 
     device = distributed.init_from_env(cuda=device.startswith("cuda"))
@@ -84,7 +84,7 @@ def run_rank(workdir: Path, index: int, device: str, tracking_uri: str, stage_ru
         load_state(model, stage_dir(workdir, stage) / "start.safetensors")
         encoded = encode.fn(adapter, dataset)
         metric = cfg.evaluation.metric
-        train_one_stage(
+        run_stage.fn(
             model, adapter, encoded, None, stage, index, cfg.training, metric, device, workdir, tracker, stage_run_id
         )
         distributed.barrier()  # rank 0 has written done.json

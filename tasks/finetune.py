@@ -151,9 +151,10 @@ def run_stage(
 ) -> StageOutcome:
     """Train one stage in place (probe: on cached features), log each epoch, mark it done.
 
-    With `training.processes > 1` the stage runs data-parallel in `torchrun` worker processes (tasks/ddp_stage.py)
-    that start from this model's weights; their result is read back from the stage directory."""
-    if training.processes > 1 and stage.kind != "probe":  # the probe trains a head on cached features: no gain
+    With `training.processes > 1` the stage runs data-parallel: `torchrun` ranks (tasks/ddp_stage.py) start from
+    this model's weights and each call this function (`run_stage.fn`) inside the process group, where only rank 0
+    logs and writes; the caller then loads their result from the stage directory."""
+    if training.processes > 1 and stage.kind != "probe" and not distributed.active():  # probe: cached, no gain
         from tasks.ddp_stage import launch
 
         launch(model, stage, index, training.processes, device, workdir, tracker.uri, stage_run_id)
@@ -161,26 +162,6 @@ def run_stage(
         outcome = finished(workdir, stage)
         assert outcome is not None, "launch() checks done.json"
         return replace(outcome, resumed=False)
-    return train_one_stage(
-        model, adapter, data, features, stage, index, training, metric, device, workdir, tracker, stage_run_id
-    )
-
-
-def train_one_stage(
-    model: TransferModel,
-    adapter: Adapter,
-    data: Encoded,
-    features: dict[str, torch.Tensor] | None,
-    stage: StageConfig,
-    index: int,
-    training: TrainingConfig,
-    metric: str,
-    device: str,
-    workdir: Path,
-    tracker: Tracker,
-    stage_run_id: str,
-) -> StageOutcome:
-    """The stage itself, in this process (or in each DDP rank, where only rank 0 logs and writes)."""
     seed = training.seed + index
     seed_everything(seed)
     model.to(device)
