@@ -32,10 +32,11 @@ def export_model(model_uri: str, out: str, tracking_uri: str | None = None) -> d
             "check out the matching data (git checkout + dvc checkout) to export on the same test split"
         )
     adapter, model, meta = load_model_dir(model_dir)
-    test = load_dataset(cfg.data, seed=cfg.training.seed).test
-    from tasks.finetune import Encoded
+    dataset = load_dataset(cfg.data, seed=cfg.training.seed)
+    test = dataset.test
+    from tasks.finetune import encode_splits
 
-    encoded = Encoded(([], []), ([], []), (adapter.encode(test.items), test.labels))
+    encoded = encode_splits(adapter, dataset, ("test",))
     lineage = {k: v for k, v in record.tags.items() if not k.startswith(("onnx.", "bundle_", "exported"))}
     report = build_bundle(
         model,

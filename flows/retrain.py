@@ -24,7 +24,7 @@ from models.adapters import load_model_dir
 from tasks.data import load_dataset
 from tasks.export import build_bundle, report_dict
 from tasks.export import version_tags as export_tags
-from tasks.finetune import LIVE, Encoded
+from tasks.finetune import LIVE, encode_splits
 from tasks.lineage import collect_lineage
 from tasks.tracking import Tracker, resolve_tracking_uri
 
@@ -139,9 +139,7 @@ def load_trained(cfg: RunConfig, tracker: Tracker, run_id: str, into: Path) -> T
     results = json.loads(tracker.download(f"runs:/{run_id}/{TRAINING_JSON}", into).read_text())
     adapter, model, _ = load_model_dir(tracker.download(f"runs:/{run_id}/{MODEL_ARTIFACT}", into))
     dataset = load_dataset(cfg.data, seed=cfg.training.seed)
-    test = dataset.test
-    encoded = Encoded(([], []), ([], []), (adapter.encode(test.items), test.labels))
-    return Trained(results, model, adapter, encoded, dataset, None)
+    return Trained(results, model, adapter, encode_splits(adapter, dataset, ("test",)), dataset, None)
 
 
 @task(retries=2, retry_delay_seconds=5, **LIVE)

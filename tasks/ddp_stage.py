@@ -66,7 +66,7 @@ def run_rank(workdir: Path, index: int, device: str, tracking_uri: str, stage_ru
     from models import distributed
     from models.trainer import load_state
     from tasks.data import load_dataset
-    from tasks.finetune import apply_threads, encode, load_backbone, run_stage, stage_dir
+    from tasks.finetune import apply_threads, encode_splits, load_backbone, run_stage, stage_dir
     from tasks.tracking import Tracker
 
     device = distributed.init_from_env(cuda=device.startswith("cuda"))
@@ -82,7 +82,7 @@ def run_rank(workdir: Path, index: int, device: str, tracking_uri: str, stage_ru
                 )
             distributed.barrier()
         load_state(model, stage_dir(workdir, stage) / "start.safetensors")
-        encoded = encode.fn(adapter, dataset)
+        encoded = encode_splits(adapter, dataset, ("train", "validation"))  # the ranks never test
         metric = cfg.evaluation.metric
         run_stage.fn(
             model, adapter, encoded, None, stage, index, cfg.training, metric, device, workdir, tracker, stage_run_id

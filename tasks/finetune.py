@@ -88,11 +88,23 @@ class Encoded:
         return Batches(examples, labels, batch_size, lambda rows: adapter.collate(rows, seed is not None), order)
 
 
+SPLITS = ("train", "validation", "test")
+
+
+def encode_splits(adapter: Adapter, dataset: Dataset, splits: tuple[str, ...] = SPLITS) -> Encoded:
+    """Encode only `splits`, the others stay empty: the export needs the test split, DDP ranks train + validation
+    (decoding images is the costly part of encoding, so nobody encodes what it will not read)."""
+
+    def one(name: str) -> tuple[list[Any], list[int]]:
+        split = dataset.split(name)
+        return (adapter.encode(split.items), split.labels) if name in splits else ([], [])
+
+    return Encoded(*(one(name) for name in SPLITS))
+
+
 @task(**LIVE)
 def encode(adapter: Adapter, dataset: Dataset) -> Encoded:
-    return Encoded(
-        *((adapter.encode(dataset.split(s).items), dataset.split(s).labels) for s in ("train", "validation", "test"))
-    )
+    return encode_splits(adapter, dataset)
 
 
 @task(**LIVE)
