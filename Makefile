@@ -11,11 +11,12 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 
 setup: $(STAMP) sources
 
-# Pinned versions (requirements/constraints.txt) make every machine resolve the same wheels.
-$(STAMP): pyproject.toml requirements/constraints.txt
+# Pinned versions (requirements/constraints.txt) make every machine resolve the same wheels. One pip call: the
+# full install depends on the edge distribution (edge/, `transflow-edge`), which pip takes from this checkout.
+$(STAMP): pyproject.toml edge/pyproject.toml requirements/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip wheel setuptools
-	$(BIN)/pip install --quiet -c requirements/constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c requirements/constraints.txt -e ./edge -e ".[dev]"
 	touch $(STAMP)
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist; install it where we can, explain where we cannot.
@@ -34,13 +35,13 @@ data: setup
 	$(BIN)/transflow data verify
 
 demo: data
-	$(BIN)/transflow run --config configs/text-tweets.yaml --summary run-summary.json
+	$(BIN)/transflow retrain --config configs/text-tweets.yaml --summary run-summary.json
 	scripts/demo_edge.sh
 
 # Vision: supervised pretraining of a small ViT on Fashion-MNIST, then transfer to the digits.
 demo-vision: data
 	$(BIN)/transflow pretrain --config configs/pretrain-vision-supervised.yaml
-	$(BIN)/transflow run --config configs/vision-digits.yaml
+	$(BIN)/transflow retrain --config configs/vision-digits.yaml
 
 test: setup
 	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \

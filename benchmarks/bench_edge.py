@@ -31,11 +31,11 @@ from typing import Any
 
 import httpx
 import numpy as np
+from transflow_edge.bundle import Bundle, pack, verify_bundle, write_manifest
+from transflow_edge.preprocess import TextPreprocessor
+from transflow_edge.server import open_session
 
 from benchmarks.common import latest_run_dir, machine_info, write_result
-from edge.bundle import Bundle, pack, verify_bundle, write_manifest
-from edge.preprocess import TextPreprocessor
-from edge.server import open_session
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-edge-token-0123456789"

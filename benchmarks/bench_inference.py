@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from transflow_edge.bundle import verify_bundle
 
 from benchmarks.common import latest_run_dir, machine_info, write_result
-from edge.bundle import verify_bundle
 from flows.config import RunConfig
 from models.adapters import load_model_dir
 from models.trainer import scores

@@ -31,8 +31,8 @@ import httpx
 import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from transflow_edge.bundle import BundleError, safe_extract, sha256_file, verify_bundle
 
-from edge.bundle import BundleError, safe_extract, sha256_file, verify_bundle
 from tasks.tracking import Tracker, resolve_tracking_uri
 
 BUNDLE_ARTIFACT = "bundle/bundle.tar.gz"

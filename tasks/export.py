@@ -19,8 +19,8 @@ import onnx
 import onnxruntime as ort
 import torch
 from prefect import task
+from transflow_edge.bundle import pack, verify_bundle, write_manifest
 
-from edge.bundle import pack, verify_bundle, write_manifest
 from models.backbone import Adapter, OnnxSignature, TransferModel
 from models.batching import Batches
 from models.trainer import predict, progress, scores

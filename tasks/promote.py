@@ -28,7 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from edge.bundle import BundleError, read_bundle, safe_extract, verify_bundle
+from transflow_edge.bundle import BundleError, read_bundle, safe_extract, verify_bundle
+
 from tasks.tracking import CHALLENGER, Tracker, VersionRecord
 
 CHAMPION = "champion"

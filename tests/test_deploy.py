@@ -17,10 +17,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from transflow_edge.bundle import pack
+from transflow_edge.server import Settings, create_app
 from typer.testing import CliRunner
 
-from edge.bundle import pack
-from edge.server import Settings, create_app
 from flows.deploy import DeployError, Fetched, Target, deploy, restore
 from tasks.tracking import Tracker
 from tests.edge_fixtures import TOKEN, build_text_bundle, free_port, running_server

@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from tokenizers import Tokenizer
+from transflow_edge.bundle import BundleError, pack, write_manifest
+from transflow_edge.preprocess import ImagePreprocessor, PreprocessError, TextPreprocessor
+from transflow_edge.server import Settings, create_app, load_token, softmax
 
-from edge.bundle import BundleError, pack, write_manifest
-from edge.preprocess import ImagePreprocessor, PreprocessError, TextPreprocessor
-from edge.server import Settings, create_app, load_token, softmax
 from tests.edge_fixtures import (
     SENTENCES,
     TEXT_LABELS,
@@ -145,13 +145,14 @@ def assert_json_error(response: httpx.Response, status: int) -> str:
 def test_edge_imports_no_torch_and_no_pickle() -> None:
     """The edge extra must run where torch is not installed; bundles are never unpickled."""
     code = (
-        "import sys, edge, edge.bundle, edge.preprocess, edge.server, flows.cli_edge\n"
+        "import sys, transflow_edge, transflow_edge.bundle, transflow_edge.preprocess, transflow_edge.server\n"
+        "import transflow_edge.cli, flows.cli_edge\n"
         "heavy = {'torch', 'transformers', 'mlflow', 'prefect', 'torchvision', 'peft'}\n"
         "print(sorted(heavy & {m.split('.')[0] for m in sys.modules}))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
-    for path in [*(ROOT / "edge").glob("*.py"), ROOT / "flows" / "cli_edge.py"]:
+    for path in [*(ROOT / "edge").rglob("*.py"), ROOT / "flows" / "cli_edge.py"]:
         assert not re.search(r"\bpickle\b|allow_pickle|joblib", path.read_text()), path
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transflow_edge.bundle import BundleError, pack, safe_extract, verify_bundle
 
-from edge.bundle import BundleError, pack, safe_extract, verify_bundle
 from flows.config import DataConfig
 from models.text import TextAdapter
 from tasks.data import load_dataset

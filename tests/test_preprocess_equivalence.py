@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from transflow_edge.preprocess import ImagePreprocessor, TextPreprocessor
 
-from edge.preprocess import ImagePreprocessor, TextPreprocessor
 from models.text import TextAdapter, read_text_split
 from models.vision import VisionAdapter, read_image_split
 

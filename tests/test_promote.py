@@ -117,7 +117,7 @@ def sources(tracker: Any, trained: dict[str, dict[str, Any]], tmp_path_factory: 
 
 def tampered_bundle(archive: Path, work: Path) -> Path:
     """The good bundle with one label renamed after its manifest was written: a hash mismatch."""
-    from edge.bundle import pack
+    from transflow_edge.bundle import pack
 
     with tarfile.open(archive) as tar:
         tar.extractall(work / "unpacked", filter="data")

@@ -173,7 +173,7 @@ import resource, signal, sys
 from pathlib import Path
 import torch
 from models.checkpoint import write_checkpoint
-from edge.bundle import pack
+from transflow_edge.bundle import pack
 root = Path(sys.argv[1])
 model = torch.nn.Linear(512, 512)
 opt = torch.optim.AdamW(model.parameters())

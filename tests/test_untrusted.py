@@ -41,7 +41,7 @@ def test_no_pickle_deserialisation_in_product_code() -> None:
 
 def test_edge_imports_no_heavy_framework() -> None:
     code = (
-        "import sys, edge.server, edge.bundle, edge.preprocess; "
+        "import sys, transflow_edge.server, transflow_edge.bundle, transflow_edge.preprocess; "
         "bad = [m for m in ('torch', 'transformers', 'mlflow', 'prefect') if m in sys.modules]; "
         "print(','.join(bad)); sys.exit(1 if bad else 0)"
     )

@@ -11,8 +11,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from transflow_edge.bundle import verify_bundle
 
-from edge.bundle import verify_bundle
 from models.backbone import BackboneError, layer_id, num_blocks
 from models.stages import set_trainable
 from models.vision import VisionAdapter, load_image

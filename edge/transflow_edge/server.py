@@ -50,9 +50,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from edge import preprocess
-from edge.bundle import MAX_BUNDLE_BYTES, Bundle, BundleError, safe_extract, verify_bundle
-from edge.preprocess import PreprocessError, Preprocessor
+from transflow_edge import preprocess
+from transflow_edge.bundle import MAX_BUNDLE_BYTES, Bundle, BundleError, safe_extract, verify_bundle
+from transflow_edge.preprocess import PreprocessError, Preprocessor
 
 log = logging.getLogger("transflow.edge")
 

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
 
-from edge.bundle import Bundle, BundleError
+from transflow_edge.bundle import Bundle, BundleError
 
 PREPROCESSING = "preprocessing.json"
 MAX_IMAGE_PIXELS = 4096 * 4096  # below PIL's decompression-bomb warning, far above any edge model's input
