@@ -17,7 +17,8 @@ from flows.cli_deploy import deploy_cmd
 from flows.cli_edge import edge_app
 from flows.cli_registry import lineage_cmd, promote_cmd, rollback_cmd
 from flows.cli_schedule import schedule_app
-from flows.config import ConfigError, DataConfig, load_config
+from flows.prefect_env import apply_prefect_defaults
+from runconfig import ConfigError, DataConfig, load_config, load_pretrain_config
 
 console = Console()
 app = typer.Typer(
@@ -50,7 +51,7 @@ def data_prepare(
 ) -> None:
     """Build the demo datasets (tweets, fashion-mnist, digits) deterministically and pin them with DVC."""
     from tasks.data import DataError, dvc_track
-    from tasks.datasets import SourceMissingError, prepare_all
+    from tasks.demo_datasets import SourceMissingError, prepare_all
 
     started = time.perf_counter()
     staging = out.with_name(out.name + ".partial")
@@ -141,8 +142,8 @@ def _print_balance(path: Path, balance: dict[str, dict[str, int]]) -> None:
     console.print(table)
 
 
-@app.command("run")
-def run(
+@app.command("retrain")
+def retrain_cmd(
     config: Path = CONFIG_OPT,
     overrides: list[str] = SET_OPT,
     summary: Path | None = typer.Option(None, help="Where to write run-summary.json (default: in the run dir)."),
@@ -151,7 +152,8 @@ def run(
         None, help="Run the training as this Prefect deployment (e.g. train/train-gpu; needs PREFECT_API_URL)."
     ),
 ) -> None:
-    """Run the retraining flow: verify data, load the backbone, fine-tune stage by stage, evaluate, register."""
+    """The main job, the retraining flow: verify data, load the backbone, fine-tune stage by stage, evaluate
+    against the baselines, register, export (and promote if configured). `transflow run` is an alias."""
     try:
         load_config(config, overrides)
     except ConfigError as exc:
@@ -161,11 +163,12 @@ def run(
     retrain(str(config), list(overrides), str(summary) if summary else None, fresh, train_on)
 
 
+app.command("run", hidden=True)(retrain_cmd)  # the name of earlier releases, kept for scripts
+
+
 @app.command("pretrain")
 def pretrain(config: Path = CONFIG_OPT, overrides: list[str] = SET_OPT) -> None:
     """Pretrain a backbone (MIM or supervised for ViT, MLM for text) and register it as NAME@latest."""
-    from flows.config import load_pretrain_config
-
     try:
         load_pretrain_config(config, overrides)
     except ConfigError as exc:
@@ -212,6 +215,7 @@ def export(
 
 
 def main() -> None:
+    apply_prefect_defaults()
     app()
 
 

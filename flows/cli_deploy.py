@@ -54,7 +54,7 @@ def _with_config(
     """Flags win over the run config; the config's targets are added after the flags' ones."""
     if config is None:
         return targets, token_env or "TRANSFLOW_EDGE_TOKEN", tracking_uri
-    from flows.config import ConfigError, load_config
+    from runconfig import ConfigError, load_config
 
     try:
         cfg = load_config(config)

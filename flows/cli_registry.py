@@ -1,6 +1,7 @@
 """`transflow promote | rollback | lineage`: the model registry lifecycle on the command line.
 
-Plain Typer command functions, registered in `flows/cli.py`. Heavy libraries load inside the commands.
+Plain Typer command functions, registered in `flows/cli.py`. Heavy libraries (torch, mlflow, prefect) load
+inside the commands, so `transflow --help` and bad arguments answer at once.
 Exit codes: 0 promoted (or rolled back), 1 refused by the gate, 2 bad input or the registry failed.
 """
 
@@ -28,12 +29,12 @@ JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON instead 
 
 def _guarded(call: Callable[[], T]) -> T:
     """Bad input and registry failures become one red line and exit code 2, not a traceback."""
-    from tasks.promote import PromotionError
+    from tasks.registered_version import RegistryError  # inside: loads torch and mlflow (seconds)
     from tasks.tracking import tracking_errors
 
     try:
         return call()
-    except PromotionError as exc:
+    except RegistryError as exc:
         console.print(f"[bold red]error:[/] {escape(str(exc))}")
     except tracking_errors() as exc:
         console.print(f"[bold red]registry error:[/] {type(exc).__name__}: {escape(str(exc))}")
@@ -103,7 +104,7 @@ def lineage_cmd(
     A backbone from the registry (models:/…) gets its own chain.
     --bundle verifies the bundle, then checks it against the registry:
     exit 1 when the registry recorded another bundle for that version."""
-    from tasks.promote import bundle_lineage, version_lineage
+    from tasks.lineage import bundle_lineage, version_lineage
     from tasks.tracking import Tracker, resolve_tracking_uri
 
     if (target is None) == (bundle is None):

@@ -16,9 +16,9 @@ from prefect import flow
 from rich.console import Console
 from rich.table import Table
 
-from flows.config import load_config, load_pretrain_config
 from flows.pretrain import run_pretrain
-from flows.retrain import run_retrain
+from flows.retrain import retrain_from_config
+from runconfig import load_config, load_pretrain_config
 from tasks.evaluate import plot_transfer
 from tasks.tracking import Tracker, resolve_tracking_uri
 
@@ -117,7 +117,7 @@ def transfer_experiment(
                 f"registry.tracking_uri={uri}",
             ],
         )
-        summary = run_retrain(cfg)
+        summary = retrain_from_config(cfg)
         rows.append(row_of(arm, summary))
         write_tables(rows, pretrained, out, time.perf_counter() - started)  # partial results survive an interruption
     return report(rows, pretrained, out, Tracker(uri), time.perf_counter() - started)

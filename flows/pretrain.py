@@ -13,17 +13,17 @@ import torch
 from prefect import flow, task
 from rich.console import Console
 
-from flows.config import PretrainConfig, load_pretrain_config
 from flows.train import verify_data
 from models.backbone import Adapter, TransferModel
 from models.batching import Batches, shuffled
 from models.pretraining import mim_model, mlm_collate, mlm_model, pretrain, random_patch_mask
 from models.stages import StageSpec, train_stage
 from models.trainer import FitPlan, evaluate, seed_everything
+from runconfig import PretrainConfig, load_pretrain_config
 from tasks import data as data_tasks
 from tasks.finetune import LIVE, Encoded, encode, load_backbone, resolve_device
 from tasks.lineage import collect_lineage
-from tasks.register import write_backbone_dir
+from tasks.model_dir import write_backbone_dir
 from tasks.tracking import Tracker, resolve_tracking_uri
 
 console = Console()

@@ -1,6 +1,6 @@
 """The promotion gate and rollback as Prefect flows, so every registry move shows up beside the runs that made
 the versions, and a moved champion emits `transflow.model.promoted` (what triggers `deploy-edge`). The logic
-lives in `tasks.promote`; the retraining flow calls `promote_after_retrain` for `registry.auto_promote`.
+lives in `tasks.promote`; the retraining flow calls `auto_promote` for `registry.auto_promote`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from prefect import flow
 
-from tasks.promote import Decision, promote_version
+from tasks.events import emit_promoted
+from tasks.promote import promote_version
 from tasks.promote import rollback as rollback_champion
+from tasks.registered_version import RegistryError
+from tasks.registry_gate import Decision
 from tasks.tracking import Tracker, resolve_tracking_uri
 
 
@@ -58,29 +61,22 @@ def rollback(
     return decision.to_dict()
 
 
-def promote_after_retrain(tracker: Tracker, cfg: Any, version: str) -> Decision:
-    """`registry.auto_promote: true`: the same gate on the version the retraining flow just registered, with the
-    run's own metric, margin and int8 budget; announces a moved champion. Bad input raises PromotionError."""
-    decision = promote_version(
-        tracker,
-        cfg.registry.model_name,
-        version,
-        cfg.evaluation.metric,
-        cfg.registry.margin,
-        cfg.export.int8_budget_pt,
-        device=cfg.training.device,
-    )
-    print(f"auto-promote {cfg.registry.model_name} v{version}: {decision.outcome}: {'; '.join(decision.reasons)}")
+def auto_promote(tracker: Tracker, model_name: str, version: str, device: str, workdir: Path) -> dict[str, Any]:
+    """`registry.auto_promote`: the same gate as `transflow promote` on the version the retraining flow just
+    registered, with that run's metric, margin and int8 budget; announces a moved champion."""
+    try:
+        decision = promote_version(tracker, model_name, version, device=device, workdir=workdir / "promote")
+    except RegistryError as exc:  # e.g. export disabled: the version stays challenger, the run still succeeds
+        return {"outcome": "not judged", "reasons": [str(exc)]}
+    print(f"auto-promote {model_name} v{version}: {decision.outcome}: {'; '.join(decision.reasons)}")
     announce(decision, tracker.uri)
-    return decision
+    return decision.to_dict()
 
 
 def announce(decision: Decision, tracking_uri: str) -> None:
     """Emit `transflow.model.promoted` when `champion` really moved (promotion or rollback), never on a dry run."""
     if decision.dry_run or decision.outcome not in ("promoted", "rolled_back") or not decision.champion_after:
         return
-    from tasks.events import emit_promoted
-
     emit_promoted(
         decision.model,
         decision.champion_after,

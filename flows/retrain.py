@@ -18,12 +18,12 @@ from prefect import flow, task
 from rich.console import Console
 from rich.table import Table
 
-from flows.config import RunConfig, load_config
+from flows.promote import auto_promote
 from flows.train import MODEL_ARTIFACT, TRAINING_JSON, Trained, train_model, verify_data, workdir_of
 from models.adapters import load_model_dir
+from runconfig import RunConfig, load_config
 from tasks.data import load_dataset
-from tasks.export import build_bundle, report_dict
-from tasks.export import version_tags as export_tags
+from tasks.export import export_and_log
 from tasks.finetune import LIVE, encode_splits
 from tasks.lineage import collect_lineage
 from tasks.tracking import Tracker, resolve_tracking_uri
@@ -49,10 +49,12 @@ def retrain(
     work pool; by default it runs here, in this process."""
     cfg = load_config(config_path, overrides or [])
     remote = {"config_path": config_path, "overrides": list(overrides or []), "deployment": train_deployment}
-    return run_retrain(cfg, Path(summary_path) if summary_path else None, fresh, remote if train_deployment else None)
+    return retrain_from_config(
+        cfg, Path(summary_path) if summary_path else None, fresh, remote if train_deployment else None
+    )
 
 
-def run_retrain(
+def retrain_from_config(
     cfg: RunConfig, summary_path: Path | None = None, fresh: bool = False, remote: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     started = time.perf_counter()
@@ -161,9 +163,21 @@ def register_export_promote(
         }
         version = register_model(tracker, run_id, cfg.registry.model_name, version_tags)
         if cfg.export.enabled:
-            exported = export_and_log(cfg, tracker, run_id, version, trained, version_tags, workdir)
+            exported = export_and_log(
+                tracker,
+                run_id,
+                {"name": cfg.registry.model_name, "version": version, "lineage": version_tags},
+                trained.model,
+                trained.adapter,
+                trained.encoded.batches(trained.adapter, "test", cfg.training.eval_batch_size, sort=True),
+                trained.dataset.test.items,
+                results["classes"],
+                cfg.export,
+                workdir / "export",
+                trained.test_logits,
+            )
     if version and cfg.registry.auto_promote:
-        promotion = auto_promote(tracker, cfg.registry.model_name, version, workdir)
+        promotion = auto_promote(tracker, cfg.registry.model_name, version, cfg.training.device, workdir)
     return {
         "promotion": promotion,
         "export": exported,
@@ -174,43 +188,6 @@ def register_export_promote(
         "tracking_uri": tracker.uri,
         **results,
     }
-
-
-def export_and_log(
-    cfg: RunConfig, tracker: Tracker, run_id: str, version: str, trained: Trained, lineage: dict, workdir: Path
-) -> dict[str, Any]:
-    """Export the registered model, log the bundle and the ONNX flavour, tag the version with the results."""
-    meta = {"name": cfg.registry.model_name, "version": version, "lineage": lineage}
-    report = build_bundle(
-        trained.model,
-        trained.adapter,
-        trained.encoded.batches(trained.adapter, "test", cfg.training.eval_batch_size, sort=True),
-        trained.dataset.test.items,
-        trained.results["classes"],
-        meta,
-        workdir / "export",
-        cfg.export.opset,
-        cfg.export.int8,
-        cfg.export.int8_budget_pt,
-        trained.test_logits,
-    )
-    tracker.log_artifacts(run_id, Path(report.bundle_tar), "bundle")
-    tracker.log_onnx(run_id, Path(report.bundle_dir) / "model.onnx", workdir / "export")
-    tracker.tag_version(cfg.registry.model_name, version, export_tags(report))
-    return report_dict(report)
-
-
-def auto_promote(tracker: Tracker, model_name: str, version: str, workdir: Path) -> dict[str, Any]:
-    """`registry.auto_promote`: the same gate as `transflow promote`, on the version just registered."""
-    from flows.promote import announce
-    from tasks.promote import PromotionError, promote_version
-
-    try:
-        decision = promote_version(tracker, model_name, version, workdir=workdir / "promote")
-    except PromotionError as exc:  # e.g. export disabled: the version stays challenger, the run still succeeds
-        return {"outcome": "not judged", "reasons": [str(exc)]}
-    announce(decision, tracker.uri)
-    return decision.to_dict()
 
 
 def print_summary(summary: dict[str, Any], path: Path) -> None:

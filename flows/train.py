@@ -18,13 +18,14 @@ import numpy as np
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import RunConfig, load_config
 from models.backbone import Adapter, HeadOnly, TransferModel
 from models.batching import feature_batches
+from runconfig import RunConfig, load_config
 from tasks import data as data_tasks
 from tasks.evaluate import baselines, evaluate_model, plot_curves
 from tasks.finetune import (
     LIVE,
+    RUN_CONFIG,
     Encoded,
     apply_threads,
     encode,
@@ -37,7 +38,7 @@ from tasks.finetune import (
     use_bf16,
 )
 from tasks.gpu import preflight
-from tasks.register import write_model_dir
+from tasks.model_dir import write_model_dir
 from tasks.tracking import Tracker
 
 TRAINING_JSON = "training.json"  # the run artifact `retrain` reads the results from
@@ -101,7 +102,7 @@ def train(
 
 def workdir_of(cfg: RunConfig, data_version: str) -> Path:
     """Where one config on one data version keeps its stages, plots and model: re-runs resume here."""
-    return cfg.output_dir / f"{cfg.name}-{data_version[:8]}-{cfg.config_hash()[:8]}"
+    return cfg.workdir(data_version)
 
 
 def train_model(cfg: RunConfig, data_version: str, tracker: Tracker, run_id: str, fresh: bool = False) -> Trained:
@@ -119,7 +120,7 @@ def train_model(cfg: RunConfig, data_version: str, tracker: Tracker, run_id: str
     )
     encoded = encode(adapter, dataset)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(cfg.resolved(), indent=2) + "\n")  # what DDP ranks rebuild from
+    (workdir / RUN_CONFIG).write_text(json.dumps(cfg.resolved(), indent=2) + "\n")  # what DDP ranks rebuild from
     device = resolve_device(cfg.training.device)
     bf16 = use_bf16(cfg.training.bf16, device)
     needs_features = cfg.evaluation.baselines or any(s.kind == "probe" for s in cfg.stages)

@@ -16,10 +16,9 @@ from typing import Any
 import yaml
 from prefect import flow, task
 
-from flows.config import load_config
+from runconfig import load_config
+from tasks.registered_version import CHAMPION
 from tasks.tracking import Tracker, resolve_tracking_uri
-
-CHAMPION = "champion"
 
 
 class WatchError(RuntimeError):

@@ -1,4 +1,7 @@
-"""The one place that maps a modality name to its adapter."""
+"""The one place that maps a modality name to its adapter.
+
+Each modality is imported when asked for: a text run never loads torchvision, an image run never loads the tokenizer.
+"""
 
 from __future__ import annotations
 

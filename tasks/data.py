@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from flows.config import DataConfig
+from runconfig import DataConfig
 
 SPLITS = ("train", "validation", "test")
 

@@ -24,7 +24,10 @@ from transflow_edge.bundle import pack, verify_bundle, write_manifest
 from models.backbone import Adapter, OnnxSignature, TransferModel
 from models.batching import Batches
 from models.trainer import predict, progress, scores
+from runconfig import ExportConfig
 from tasks.finetune import LIVE
+from tasks.registered_version import BUNDLE_ARTIFACT
+from tasks.tracking import Tracker
 
 FP32_ATOL = 1e-4
 
@@ -217,6 +220,33 @@ def build_bundle(
         round(delta, 3),
         round(time.perf_counter() - started, 1),
     )
+
+
+def export_and_log(
+    tracker: Tracker,
+    run_id: str,
+    meta: dict[str, Any],
+    model: TransferModel,
+    adapter: Adapter,
+    test_batches: Batches,
+    raw_test_items: list[Any],
+    classes: list[str],
+    export: ExportConfig,
+    out_dir: Path,
+    torch_logits: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """The one export step of a registered version (`meta`: name, version, lineage): build and verify the bundle,
+    log it where promotion and deploy look for it (`BUNDLE_ARTIFACT`) beside the ONNX flavour, tag the version."""
+    report = build_bundle(
+        model, adapter, test_batches, raw_test_items, classes, meta, out_dir,
+        export.opset, export.int8, export.int8_budget_pt, torch_logits,
+    )  # fmt: skip
+    folder, name = BUNDLE_ARTIFACT.rsplit("/", 1)
+    assert Path(report.bundle_tar).name == name, "pack() names the archive as the registry expects"
+    tracker.log_artifacts(run_id, Path(report.bundle_tar), folder)
+    tracker.log_onnx(run_id, Path(report.bundle_dir) / "model.onnx", out_dir)
+    tracker.tag_version(str(meta["name"]), str(meta["version"]), version_tags(report))
+    return report_dict(report)
 
 
 def write_golden(bundle: Path, adapter: Adapter, default: str, items: list[Any], n: int = 8) -> None:

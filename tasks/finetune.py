@@ -7,7 +7,10 @@ re-run of the same config on the same data skips finished stages and starts from
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,17 +19,19 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import BackboneConfig, StageConfig, TrainingConfig
 from models import distributed
 from models.adapters import make_adapter
 from models.backbone import Adapter, TransferModel
 from models.batching import Batches, by_length, feature_batches, shuffled
 from models.stages import StageSpec, frozen_features, train_stage
 from models.trainer import FitPlan, load_state, save_state, seed_everything
+from runconfig import BackboneConfig, StageConfig, TrainingConfig
 from tasks.data import Dataset
 from tasks.tracking import Tracker
 
-LIVE = {"cache_policy": NO_CACHE, "persist_result": False}
+LIVE = {"cache_policy": NO_CACHE, "persist_result": False}  # tasks that take live models: nothing to hash or keep
+ROOT = Path(__file__).resolve().parents[1]
+RUN_CONFIG = "config.json"  # the resolved RunConfig the train flow writes into the work directory
 
 
 def resolve_device(requested: str) -> str:
@@ -167,9 +172,7 @@ def run_stage(
     this model's weights and each call this function (`run_stage.fn`) inside the process group, where only rank 0
     logs and writes; the caller then loads their result from the stage directory."""
     if training.processes > 1 and stage.kind != "probe" and not distributed.active():  # probe: cached, no gain
-        from tasks.ddp_stage import launch
-
-        launch(model, stage, index, training.processes, device, workdir, tracker.uri, stage_run_id)
+        launch_data_parallel(model, stage, index, training.processes, device, workdir, tracker.uri, stage_run_id)
         restore_stage(model, workdir, stage)
         outcome = finished(workdir, stage)
         assert outcome is not None, "launch() checks done.json"
@@ -237,3 +240,35 @@ def run_stage(
 def restore_stage(model: TransferModel, workdir: Path, stage: StageConfig) -> None:
     """Load a finished stage's final weights (LoRA is already merged in them)."""
     load_state(model, stage_dir(workdir, stage) / "final.safetensors")
+
+
+class DistributedStageError(RuntimeError):
+    """The torchrun workers of a stage failed; the message holds the end of their error output."""
+
+
+def launch_data_parallel(
+    model: TransferModel,
+    stage: StageConfig,
+    index: int,
+    processes: int,
+    device: str,
+    workdir: Path,
+    tracking_uri: str,
+    stage_run_id: str,
+) -> None:
+    """Run stage `index` in `processes` torchrun ranks starting from `model`'s weights; wait for `done.json`."""
+    out = stage_dir(workdir, stage)
+    save_state(model, out / "start.safetensors")
+    model.cpu()  # the ranks hold the GPUs now; run_stage loads their result back
+    (out / "done.json").unlink(missing_ok=True)
+    args = ["--workdir", str(workdir), "--index", str(index), "--device", device]
+    args += ["--tracking-uri", tracking_uri, "--run-id", stage_run_id]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    errors = out / "ddp-stderr.log"
+    print(f"stage {stage.label}: data-parallel on {processes} processes ({device}); errors → {errors}")
+    with errors.open("w") as err:
+        code = subprocess.run([*cmd, "-m", "tasks.ddp_stage", *args], env=env, stderr=err).returncode
+    if code != 0 or not (out / "done.json").is_file():
+        tail = "\n".join(errors.read_text(errors="replace").splitlines()[-30:])
+        raise DistributedStageError(f"stage {stage.label}: torchrun exited with {code}:\n{tail}")

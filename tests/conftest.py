@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The three demo datasets, built from the offline sources exactly as `transflow data prepare` does."""
-    from tasks.datasets import prepare_all
+    from tasks.demo_datasets import prepare_all
 
     out = tmp_path_factory.mktemp("prepared") / "data"
     prepare_all(out)

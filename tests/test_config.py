@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import ConfigError, RunConfig, load_config, load_pretrain_config
+from runconfig import ConfigError, RunConfig, load_config, load_pretrain_config
 from tests.conftest import ROOT
 
 GOOD = """

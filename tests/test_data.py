@@ -11,9 +11,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from flows.config import DataConfig
+from runconfig import DataConfig
 from tasks.data import DataError, load_dataset, read_pin, tree_entries, tree_md5, verify_data
-from tasks.datasets import dedup_key, dedup_tweets, prepare_all
+from tasks.demo_datasets import dedup_key, dedup_tweets, prepare_all
 from tests.conftest import ROOT, dvc_repo_with, write_jsonl
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transflow_edge.bundle import BundleError, pack, safe_extract, verify_bundle
 
-from flows.config import DataConfig
 from models.text import TextAdapter
+from runconfig import DataConfig
 from tasks.data import load_dataset
 from tasks.export import ExportError, build_bundle, session
 from tasks.finetune import Encoded

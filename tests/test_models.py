@@ -95,7 +95,7 @@ def test_lora_trains_adapters_only_and_merges_exactly(tiny: tuple) -> None:
 
 
 def encoded_tiny(adapter: TextAdapter, tiny_text_data: Path) -> Encoded:
-    from flows.config import DataConfig
+    from runconfig import DataConfig
     from tasks.data import load_dataset
 
     ds = load_dataset(DataConfig(modality="text", path=tiny_text_data, dvc_file=None))

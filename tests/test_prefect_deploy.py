@@ -25,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from flows.cli import app
-from flows.config import load_config
+from runconfig import load_config
 from tasks.gpu import GpuPreflightError, preflight
 from tests.prefect_server import ROOT, Service, prefect_env, start_server, start_worker, stop
 

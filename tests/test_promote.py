@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -154,7 +155,9 @@ def promote(tracker: Any, model: str, version: str | None = None, **kwargs: Any)
 
 def snapshot(tracker: Any, model: str) -> dict[str, Any]:
     """Everything a promotion may change: aliases, version tags, the decision log, the lock."""
-    from tasks.promote import CHAMPION, LOCK_SUFFIX, LOG_SUFFIX
+    from tasks.promote import LOG_SUFFIX
+    from tasks.registered_version import CHAMPION
+    from tasks.registry_lock import LOCK_SUFFIX
 
     if not tracker.model_exists(model):
         return {"exists": False, "log": [r.run_id for r in tracker.runs(model + LOG_SUFFIX)]}
@@ -172,7 +175,7 @@ def snapshot(tracker: Any, model: str) -> dict[str, Any]:
 
 
 def test_compare_needs_a_strict_win_of_at_least_the_margin() -> None:
-    from tasks.promote import compare
+    from tasks.registry_gate import compare
 
     assert compare("macro_f1", 0.5, None, 0.0).ok  # no champion yet
     assert not compare("macro_f1", 0.5, 0.5, 0.0).ok  # a tie never moves the champion
@@ -193,14 +196,15 @@ def test_compare_needs_a_strict_win_of_at_least_the_margin() -> None:
     ],
 )
 def test_export_conditions_from_tags(tags: dict[str, str], ok: bool, detail: str) -> None:
-    from tasks.promote import decide, tag_checks
+    from tasks.registry_gate import decide, tag_checks
 
     promote_it, reasons = decide(tag_checks(tags, int8_budget_pt=0.5))
     assert promote_it is ok and any(detail in r for r in reasons)
 
 
 def test_decision_tags_record_previous_champion_and_both_sides() -> None:
-    from tasks.promote import Decision, promotion_tags
+    from tasks.promote import promotion_tags
+    from tasks.registry_gate import Decision
 
     base = {"model": "m", "action": "promote", "user": "u", "time": "t", "metric": "macro_f1"}
     first = Decision(**base, outcome="promoted", challenger="1", champion_before=None, champion_after="1")
@@ -220,11 +224,12 @@ def test_decision_tags_record_previous_champion_and_both_sides() -> None:
 
 def test_targets_and_event_uris() -> None:
     from flows.promote import _without_credentials
-    from tasks.promote import PromotionError, parse_target
+    from tasks.lineage import parse_target
+    from tasks.registered_version import RegistryError
 
     assert parse_target("m@champion") == ("m", "champion", None)
     assert parse_target("models:/m/3") == ("m", None, "3")
-    with pytest.raises(PromotionError, match="NAME@ALIAS"):
+    with pytest.raises(RegistryError, match="NAME@ALIAS"):
         parse_target("just-a-name")
     assert _without_credentials("https://alice:secret@mlflow.example.com/x") == "https://mlflow.example.com/x"
 
@@ -295,8 +300,8 @@ def test_lifecycle_first_champion_better_challenger_then_rollback(tracker: Any, 
 def test_gate_refuses_a_worse_challenger_and_a_tie(
     tracker: Any, sources: dict, server: Any, tweets_repo: Path, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
-    from flows.config import load_config
-    from flows.promote import promote_after_retrain
+    from flows.promote import auto_promote
+    from runconfig import load_config
     from tasks.promote import history
 
     model = fresh_name()
@@ -307,7 +312,9 @@ def test_gate_refuses_a_worse_challenger_and_a_tie(
         *retrain_overrides(tweets_repo, tiny_bert_dir, tmp_path, server.url, BAD),
         f"registry.model_name={model}",
     ]
-    decision = promote_after_retrain(tracker, load_config(SMOKE, settings), worse)  # what auto_promote runs
+    cfg = load_config(SMOKE, settings)
+    outcome = auto_promote(tracker, cfg.registry.model_name, worse, cfg.training.device, tmp_path)  # what retrain runs
+    decision = SimpleNamespace(**outcome, promoted=outcome["outcome"] == "promoted")
     assert not decision.promoted and decision.challenger == worse
     assert decision.champion_after == champion == tracker.alias_version(model, "champion")
     assert decision.challenger_metrics["macro_f1"] < decision.champion_metrics["macro_f1"]
@@ -384,7 +391,7 @@ def test_lineage_from_alias_and_from_bundle(
 
 
 def version_chain(tracker: Any, target: str) -> dict[str, Any]:
-    from tasks.promote import version_lineage
+    from tasks.lineage import version_lineage
 
     return version_lineage(tracker, target)
 
@@ -420,7 +427,8 @@ def test_registration_is_idempotent_under_retry(tracker: Any, sources: dict) -> 
 
 @integration
 def test_two_racing_promotions_leave_one_champion_and_both_decisions(tracker: Any, sources: dict) -> None:
-    from tasks.promote import LOCK_SUFFIX, history
+    from tasks.promote import history
+    from tasks.registry_lock import LOCK_SUFFIX
 
     model = fresh_name()
     add_version(tracker, sources, model, "bad")
@@ -492,12 +500,12 @@ def guarded_model(tracker: Any, sources: dict) -> str:
 def test_bad_input_is_a_clear_error_and_changes_nothing(
     tracker: Any, sources: dict, guarded_model: str, case: str, make: Callable, error: str
 ) -> None:
-    from tasks.promote import PromotionError
+    from tasks.registered_version import RegistryError
 
     model = "no-such-model" if case == "unknown model" else guarded_model
     version = make(tracker, sources, model)
     before = snapshot(tracker, model)
-    with pytest.raises(PromotionError, match=error):
+    with pytest.raises(RegistryError, match=error):
         promote(tracker, model, version)
     assert snapshot(tracker, model) == before
 
@@ -509,7 +517,7 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(
 def test_server_down_midway_leaves_the_previous_champion(
     tracker: Any, sources: dict, server: MlflowServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tasks.promote
+    import tasks.registry_lock
     from tasks.promote import history
     from tasks.tracking import Tracker
 
@@ -518,7 +526,7 @@ def test_server_down_midway_leaves_the_previous_champion(
     assert promote(tracker, model).promoted
     add_version(tracker, sources, model, "good")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setattr(tasks.promote, "LOCK_TTL_S", 1.0)  # the dead holder's lock expires quickly
+    monkeypatch.setattr(tasks.registry_lock, "LOCK_TTL_S", 1.0)  # the dead holder's lock expires quickly
     move = Tracker.set_alias
 
     def server_dies_first(self: Any, name: str, alias: str, version: str) -> None:

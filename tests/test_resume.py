@@ -71,7 +71,7 @@ def train(tiny_bert_dir: Path, data: Encoded, workdir: Path, crash: tuple[int, i
 def test_crash_mid_epoch_then_resume_matches_an_uninterrupted_run(
     tiny_bert_dir: Path, tiny_text_data: Path, tmp_path: Path
 ) -> None:
-    from flows.config import DataConfig
+    from runconfig import DataConfig
     from tasks.data import load_dataset
 
     adapter = TextAdapter(max_length=16)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.config import ConfigError
+from runconfig import ConfigError
 from tests.conftest import ROOT, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]

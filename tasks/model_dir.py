@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from models.backbone import Adapter, TransferModel, save_model
+from models.backbone import ENCODER_DIR, MODEL_META, Adapter, TransferModel, save_model
 
 FORMAT_VERSION = 1
 
@@ -38,8 +38,6 @@ def write_model_dir(
 
 def write_backbone_dir(encoder: Any, adapter: Adapter, meta: dict[str, Any], out: Path) -> Path:
     """A pretrained backbone in the layout every adapter loads: encoder/ + preprocessing + transflow.json."""
-    from models.backbone import ENCODER_DIR, MODEL_META
-
     out.mkdir(parents=True, exist_ok=True)
     encoder.cpu().save_pretrained(out / ENCODER_DIR, safe_serialization=True)
     meta = {"format_version": FORMAT_VERSION, "kind": "backbone", "modality": adapter.modality, **meta}

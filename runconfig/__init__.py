@@ -154,6 +154,10 @@ class RunConfig(_Strict):
     def config_hash(self) -> str:
         return config_hash(self.resolved())
 
+    def workdir(self, data_version: str) -> Path:
+        """Where this config on one data version keeps its stages, plots, model and export: re-runs resume here."""
+        return self.output_dir / f"{self.name}-{data_version[:8]}-{self.config_hash()[:8]}"
+
 
 def config_hash(resolved: dict[str, Any]) -> str:
     canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
