@@ -22,16 +22,18 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from transflow_edge.bundle import BundleError, safe_extract, sha256_file, verify_bundle
+from transflow_edge.client import EdgeClient, EdgeError
 
 from tasks.tracking import Tracker, resolve_tracking_uri
 
@@ -99,44 +101,21 @@ class Fetched:
         return f"{stem}-{self.sha256[:12]}.tar.gz"
 
 
-def _client(timeout: float = 30.0) -> httpx.Client:
-    # Uploads of ~100 MB bundles to small boxes, which verify and load them before answering.
-    return httpx.Client(timeout=httpx.Timeout(timeout, write=600.0, read=600.0))
-
-
-def _error_text(response: httpx.Response) -> str:
+@contextmanager
+def _edge(target: Target, token_env: str | None = None) -> Iterator[EdgeClient]:
+    """The edge package's client for an http target; its errors become TargetErrors naming the target."""
+    token = os.environ.get(token_env, "").strip() if token_env else None
     try:
-        return str(response.json().get("error", response.text))
-    except (ValueError, AttributeError):
-        return response.text[:300]
-
-
-def _call(target: Target, method: str, path: str, no_model_ok: bool = False, **kwargs: Any) -> httpx.Response:
-    """One HTTP call to a target; network trouble and 5xx are transient TargetErrors (503 may mean "no model")."""
-    try:
-        with _client() as client:
-            response = client.request(method, f"{target.location}{path}", **kwargs)
-    except httpx.HTTPError as exc:
-        raise TargetError(f"{target.text}: {method} {path} failed ({type(exc).__name__}: {exc})", True) from None
-    if response.status_code >= 500 and not (no_model_ok and response.status_code == 503):
-        raise TargetError(
-            f"{target.text}: {method} {path} answered {response.status_code}: {_error_text(response)}", True
-        )
-    return response
+        with EdgeClient(target.location, token=token or "") as client:
+            yield client
+    except EdgeError as exc:
+        raise TargetError(f"{target.text}: {exc}", exc.transient) from None
 
 
 def _serving(target: Target) -> str | None:
     """The bundle sha256 an edge server serves now; None when it has no model loaded."""
-    response = _call(target, "GET", "/v1/model", no_model_ok=True)
-    if response.status_code == 503:
-        return None
-    if response.status_code != 200:
-        raise TargetError(f"{target.text}: GET /v1/model answered {response.status_code}: {_error_text(response)}")
-    return str(response.json()["bundle_sha256"])
-
-
-def _auth(token_env: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {os.environ.get(token_env, '').strip()}"}
+    with _edge(target) as client:
+        return client.serving()
 
 
 # ---------------------------------------------------------------- tasks
@@ -193,17 +172,8 @@ def push(target: Target, fetched: Fetched, token_env: str) -> str:
     """Upload to an edge server (it answers "unchanged" to what it already serves), or write into the folder."""
     if target.kind == "dir":
         return _write_archive(Path(target.location), fetched)
-    with Path(fetched.archive).open("rb") as body:
-        response = _call(
-            target,
-            "POST",
-            "/v1/admin/bundles",
-            content=body,
-            headers={**_auth(token_env), "Content-Type": "application/gzip"},
-        )
-    if response.status_code != 200:
-        raise TargetError(f"{target.text}: upload refused ({response.status_code}): {_error_text(response)}")
-    answer = response.json()
+    with _edge(target, token_env) as client:
+        answer = client.upload(Path(fetched.archive))
     if answer.get("bundle_sha256") != fetched.sha256:
         raise TargetError(f"{target.text}: serves {answer.get('bundle_sha256')} after the upload, not {fetched.sha256}")
     return str(answer["status"])
@@ -258,10 +228,8 @@ def golden_check(target: Target, fetched: Fetched) -> dict[str, Any]:
     atol = float(golden.get("atol", 1e-3))
     predictions = []
     for start in range(0, len(inputs), GOLDEN_CHUNK):
-        response = _call(target, "POST", "/v1/predict", json={"inputs": inputs[start : start + GOLDEN_CHUNK]})
-        if response.status_code != 200:
-            raise TargetError(f"{target.text}: golden predict answered {response.status_code}: {_error_text(response)}")
-        body = response.json()
+        with _edge(target) as client:
+            body = client.predict(inputs[start : start + GOLDEN_CHUNK])
         if str(body["model"]["version"]) != fetched.manifest_version:
             raise TargetError(f"{target.text}: golden inputs answered by version {body['model']['version']}")
         predictions += body["predictions"]
@@ -301,9 +269,10 @@ def restore(target: Target, before: dict[str, Any], fetched: Fetched, token_env:
         raise TargetError(f"{target.text}: serves {now}, neither this deploy's bundle nor the previous one; left alone")
     if previous is None:
         raise TargetError(f"{target.text}: had no model before this deploy, so there is nothing to roll back to")
-    response = _call(target, "POST", "/v1/admin/rollback", headers=_auth(token_env))
-    if response.status_code != 200 or response.json().get("bundle_sha256") != previous:
-        raise TargetError(f"{target.text}: rollback failed ({response.status_code}): {_error_text(response)}")
+    with _edge(target, token_env) as client:
+        answer = client.rollback()
+    if answer.get("bundle_sha256") != previous:
+        raise TargetError(f"{target.text}: rolled back to {answer.get('bundle_sha256')}, not {previous}")
     return "rolled_back"
 
 

@@ -1,0 +1,155 @@
+"""The HTTP app: routes over one `EdgeState`, and `serve` to run it with uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import shutil
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from transflow_edge.bundle import BundleError
+from transflow_edge.metrics import MetricsMiddleware
+from transflow_edge.model import LoadedModel
+from transflow_edge.parsing import ApiError, check_inputs, parse_inputs, predictions, read_body, receive_archive
+from transflow_edge.preprocess import PreprocessError
+from transflow_edge.settings import TOKEN_ENV, Settings
+from transflow_edge.state import EdgeState
+
+log = logging.getLogger("transflow.edge")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The app over one EdgeState; a bad --bundle raises here, before anything listens."""
+    state = EdgeState(settings)
+    try:
+        state.start()
+    except BaseException:
+        state.close()
+        raise
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state.batcher.start()
+        if state.watcher is not None:
+            state.watcher.start()
+        try:
+            yield
+        finally:
+            state.close()
+
+    app = FastAPI(title="transflow edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.edge = state
+
+    def require_model() -> LoadedModel:
+        model = state.model
+        if model is None:
+            raise ApiError(503, f"no model loaded: {state.error}")
+        return model
+
+    def require_admin(request: Request) -> None:
+        if settings.token is None:
+            raise ApiError(403, f"admin endpoints are disabled: start the server with ${TOKEN_ENV} or --token-file")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.token.encode()):
+            raise ApiError(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, exc.status, headers=exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error", exc_info=exc)
+        return JSONResponse({"error": f"internal error ({type(exc).__name__})"}, 500)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        model = state.model
+        if model is None:
+            return JSONResponse({"ready": False, "error": state.error}, 503)
+        return JSONResponse({"ready": True, "name": model.name, "version": model.version})
+
+    @app.get("/v1/model")
+    async def model_info() -> dict[str, Any]:
+        return state.describe(require_model())
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(state.metrics.render(state.model), media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> dict[str, Any]:
+        started = time.perf_counter()
+        model = require_model()  # this request uses this model to the end, whatever is swapped in meanwhile
+        body = await read_body(request, settings.max_body_bytes)
+        items = parse_inputs(body, request.headers.get("content-type", ""), model.modality)
+        check_inputs(items, model.modality, settings)
+        try:
+            prepared = await run_in_threadpool(model.prepare, items)
+        except PreprocessError as exc:
+            raise ApiError(422, str(exc)) from None
+        try:
+            future = state.batcher.submit(model, prepared)
+        except OverflowError:
+            raise ApiError(503, "overloaded: too many queued inputs, retry shortly", {"Retry-After": "1"}) from None
+        except RuntimeError:
+            raise ApiError(503, "the server is shutting down") from None
+        logits = await asyncio.wrap_future(future)
+        return {
+            "predictions": predictions(model, logits),
+            "model": {"name": model.name, "version": model.version},
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+        }
+
+    @app.post("/v1/admin/bundles")
+    async def upload_bundle(request: Request) -> dict[str, Any]:
+        require_admin(request)
+        work = state.store.new_staging()
+        try:
+            archive = work / "upload.tar.gz"
+            await receive_archive(request, archive, settings.max_upload_bytes)
+            return await run_in_threadpool(state.install, archive, "upload", work)
+        except BundleError as exc:
+            raise ApiError(422, f"bundle rejected, still serving the previous model: {exc}") from None
+        finally:
+            await run_in_threadpool(shutil.rmtree, work, True)
+
+    @app.post("/v1/admin/rollback")
+    async def rollback(request: Request) -> dict[str, Any]:
+        require_admin(request)
+        try:
+            return await run_in_threadpool(state.rollback)
+        except LookupError as exc:
+            raise ApiError(409, str(exc)) from None
+        except BundleError as exc:
+            raise ApiError(422, f"previous bundle rejected, still serving the current model: {exc}") from None
+
+    endpoints = {route.path for route in app.routes if hasattr(route, "path")}
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics, endpoints=endpoints)
+    return app
+
+
+def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
+    """Run the server in the foreground (one process: the model, the batcher and the state dir are per process)."""
+    import uvicorn
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(settings)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, timeout_graceful_shutdown=10)
