@@ -9,7 +9,7 @@ With the demo's exported bundle and real test tweets (one text per request):
 Client and server share this machine's cores, so absolute numbers include the load generator's own cost.
 Prints a table of ratios and writes JSON to benchmarks/results/. Usage:
 
-    python -m benchmarks.bench_edge [--quick] [--bundle DIR] [--threads N]
+    python -m benchmarks.bench_edge [--quick] [--model BUNDLE | RUN_DIR | NAME@ALIAS] [--threads N]
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from transflow_edge.bundle import Bundle, pack, verify_bundle, write_manifest
 from transflow_edge.preprocess import TextPreprocessor
 from transflow_edge.server import open_session
 
-from benchmarks.common import latest_run_dir, machine_info, write_result
+from benchmarks.common import machine_info, write_result
+from benchmarks.model import resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "bench-edge-token-0123456789"
@@ -333,7 +334,10 @@ def run(bundle_dir: Path, texts: list[str], threads: int, seconds: float, warmup
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--bundle", type=Path, default=None, help="Bundle dir (default: the latest runs/*/export/bundle)"
+        "--model",
+        "--bundle",
+        default=None,
+        help="BUNDLE (dir or .tar.gz), RUN_DIR or NAME@ALIAS (default: the demo's run; see benchmarks/model.py)",
     )
     parser.add_argument("--texts", type=Path, default=Path("data/tweets/test.jsonl"), help="JSONL with a 'text' field")
     parser.add_argument(
@@ -343,7 +347,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--quick", action="store_true", help="3 s per point and 300 bare calls instead of 15 s and 2000"
     )
     args = parser.parse_args(argv)
-    bundle_dir = args.bundle or latest_run_dir() / "export" / "bundle"
+    bundle_dir = resolve_model(args.model).bundle
     seconds, warmup, bare_n = (3.0, 1.0, 300) if args.quick else (15.0, 2.0, 2000)
     results = run(bundle_dir, read_texts(args.texts), args.threads, seconds, warmup, bare_n)
     results["machine"] = machine_info()

@@ -1,9 +1,10 @@
 """Inference side by side in one run: torch eager fp32 vs onnxruntime fp32 vs onnxruntime int8.
 
-Same model (the demo's fine-tuned MiniLM), same real test tweets, dynamic padding, batch 1 and 32.
+Same model (the demo's fine-tuned MiniLM, or the run `--model` names), same real test tweets, dynamic padding,
+batch 1 and 32.
 Prints a table and writes JSON to benchmarks/results/. Usage:
 
-    python -m benchmarks.bench_inference [--run-dir runs/text-tweets-…] [--quick]
+    python -m benchmarks.bench_inference [--model RUN_DIR | NAME@ALIAS] [--quick]
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import numpy as np
 import torch
 from transflow_edge.bundle import verify_bundle
 
-from benchmarks.common import latest_run_dir, machine_info, write_result
-from flows.config import RunConfig
+from benchmarks.common import machine_info, write_result
+from benchmarks.model import resolve_model
 from models.adapters import load_model_dir
 from models.trainer import scores
+from runconfig import RunConfig
 from tasks.data import load_dataset
 from tasks.export import session
 
@@ -119,10 +121,15 @@ def print_table(results: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, default=None, help="A retrain run dir with model/ and export/bundle/")
+    parser.add_argument(
+        "--model",
+        "--run-dir",
+        default=None,
+        help="RUN_DIR or NAME@ALIAS (default: the demo's run)",
+    )
     parser.add_argument("--quick", action="store_true", help="Fewer timed calls and a 500-example accuracy subset")
     args = parser.parse_args(argv)
-    run_dir = args.run_dir or latest_run_dir()
+    run_dir = resolve_model(args.model).require_run_dir("bench_inference")
     n1, n32, limit = (50, 8, 500) if args.quick else (200, 30, None)
     results = run(run_dir, n1, n32, limit) | {"machine": machine_info()}
     print_table(results)

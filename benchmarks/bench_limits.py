@@ -13,7 +13,7 @@ Formulas (printed with the results and written to BENCHMARKS.md):
 Every sequence is padded to exactly `seq` tokens (real tweets, attention mask over the real ones): the encoder
 computes on all `seq` positions, so the FLOP count is exact for the shapes run. Usage:
 
-    python -m benchmarks.bench_limits [--run-dir runs/text-tweets-…] [--quick]
+    python -m benchmarks.bench_limits [--model RUN_DIR | NAME@ALIAS] [--quick]
 """
 
 from __future__ import annotations
@@ -28,10 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from tokenizers import Tokenizer
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-from benchmarks.common import cpu_flags, latest_run_dir, machine_info, write_result
+from benchmarks.common import ROOT, cpu_flags, cpu_ghz, machine_info, write_result
+from benchmarks.model import demo_model, resolve_model
+from models.text import MINILM, TextAdapter, resolve_text_source
+from tasks.export import export_onnx, optimise, quantise_int8, session
 
-ROOT = Path(__file__).resolve().parents[1]
 FMA_UNITS, FP32_LANES, INT8_FACTOR = 2, 16, 4
 
 
@@ -55,30 +60,6 @@ def flops_per_sequence(
 def peak_gflops(cores: int, ghz: float, fma_units: int = FMA_UNITS, lanes: int = FP32_LANES) -> dict[str, float]:
     fp32 = cores * ghz * fma_units * lanes * 2
     return {"fp32": fp32, "int8_vnni": INT8_FACTOR * fp32}
-
-
-def cpu_ghz(cpuinfo: str | None = None, lscpu: str | None = None) -> tuple[float, str]:
-    """The clock the peak assumes: lscpu's 'CPU max MHz' when the kernel exposes it, else the highest
-    'cpu MHz' in /proc/cpuinfo (under a hypervisor that is the nominal clock; turbo is invisible)."""
-    if lscpu is None:
-        import subprocess
-
-        try:
-            lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            lscpu = ""
-    for line in lscpu.splitlines():
-        if line.strip().startswith("CPU max MHz:"):
-            return float(line.split(":", 1)[1]) / 1000, "lscpu 'CPU max MHz'"
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            cpuinfo = ""
-    mhz = [float(ln.split(":", 1)[1]) for ln in cpuinfo.splitlines() if ln.startswith("cpu MHz")]
-    if mhz:
-        return max(mhz) / 1000, "/proc/cpuinfo 'cpu MHz' (nominal under a hypervisor; turbo not visible)"
-    return float("nan"), "unknown"
 
 
 def cpu_identity(cpuinfo: str | None = None) -> dict[str, Any]:
@@ -120,8 +101,6 @@ def datapath_note(identity: dict[str, Any]) -> str | None:
 def model_shape(run_dir: Path | None) -> dict[str, int]:
     """layers, hidden, intermediate from the run's encoder config (else the packaged MiniLM's)."""
     candidates = [run_dir / "model" / "encoder" / "config.json"] if run_dir else []
-    from models.text import MINILM, resolve_text_source
-
     candidates.append(Path(resolve_text_source(MINILM)) / "config.json")
     path = next(p for p in candidates if p.is_file())
     cfg = json.loads(path.read_text())
@@ -135,11 +114,7 @@ def model_shape(run_dir: Path | None) -> dict[str, int]:
 
 def count_linear_weights(shape: dict[str, Any]) -> int:
     """Cross-check of `matmul_params` on the real architecture (random weights, built from the config)."""
-    from transformers import AutoConfig, AutoModel
-
     model = AutoModel.from_config(AutoConfig.from_pretrained(Path(shape["config"]).parent))
-    import torch
-
     return sum(
         m.weight.numel() for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in name
     )
@@ -152,9 +127,6 @@ def bundle_models(run_dir: Path | None, workdir: Path) -> tuple[dict[str, Path],
         files = {"fp32": bundle / "model.onnx", "int8": bundle / "model.int8.onnx"}
         if all(p.is_file() for p in files.values()):
             return files, str(bundle)
-    from models.text import TextAdapter
-    from tasks.export import export_onnx, optimise, quantise_int8
-
     adapter = TextAdapter(max_length=64)
     model = adapter.build("minilm", 3).eval()
     sample = adapter.collate(adapter.encode(["a short example", "another, slightly longer example sentence"]))
@@ -165,13 +137,7 @@ def bundle_models(run_dir: Path | None, workdir: Path) -> tuple[dict[str, Path],
 
 def fixed_inputs(tokenizer_json: Path | None, texts: list[str], batch: int, seq: int) -> dict[str, np.ndarray]:
     """`batch` real tweets, truncated / padded to exactly `seq` tokens."""
-    from tokenizers import Tokenizer
-
     if tokenizer_json is None or not tokenizer_json.is_file():
-        from transformers import AutoTokenizer
-
-        from models.text import MINILM, resolve_text_source
-
         tokenizer = AutoTokenizer.from_pretrained(resolve_text_source(MINILM)).backend_tokenizer
     else:
         tokenizer = Tokenizer.from_file(str(tokenizer_json))
@@ -185,8 +151,6 @@ def fixed_inputs(tokenizer_json: Path | None, texts: list[str], batch: int, seq:
 
 
 def time_session(path: Path, feeds: dict[str, np.ndarray], threads: int, runs: int, warmup: int = 3) -> list[float]:
-    from tasks.export import session
-
     sess = session(path, threads)
     names = {i.name for i in sess.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in names}
@@ -291,16 +255,23 @@ def print_table(r: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run-dir", type=Path, default=None, help="A retrain run dir with export/bundle/")
+    parser.add_argument(
+        "--model",
+        "--run-dir",
+        default=None,
+        help="RUN_DIR or NAME@ALIAS (default: the demo's run, else export one)",
+    )
     parser.add_argument("--quick", action="store_true", help="5 timed runs instead of 20")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads (default: cores)")
     args = parser.parse_args(argv)
-    run_dir = args.run_dir
-    if run_dir is None:
+    if args.model is not None:
+        run_dir: Path | None = resolve_model(args.model).require_run_dir("bench_limits")
+    else:
         try:
-            run_dir = latest_run_dir(ROOT / "runs")
-        except SystemExit:
-            run_dir = None  # no demo run yet: export one
+            run_dir = demo_model().run_dir
+        except SystemExit as missing:
+            print(f"{missing}; measuring a fresh export of the packaged MiniLM instead")
+            run_dir = None
     results = run(run_dir, 32, 64, 5 if args.quick else 20, args.threads) | {"machine": machine_info()}
     print_table(results)
     print(f"wrote {write_result('limits', results)}")

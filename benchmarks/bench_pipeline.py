@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
-import functools
 import json
 import math
 import os
@@ -31,123 +29,15 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import machine_info, write_result
+from benchmarks.common import ROOT, machine_info, write_result
+from benchmarks.pipeline_timers import Ledger, instrumented
+from runconfig import load_config
+from tasks.tracking import Tracker
 
-ROOT = Path(__file__).resolve().parents[1]
 GOALS = {"overhead_pct": 5.0, "step_logging_pct": 1.0}
-
-
-@dataclass
-class Ledger:
-    """Seconds per category, plus every timed call (for the per-task table)."""
-
-    seconds: dict[str, float] = field(default_factory=dict)
-    calls: list[dict[str, Any]] = field(default_factory=list)
-    depth: dict[str, int] = field(default_factory=dict)
-
-    def timed(self, category: str, name: Callable[..., str] | str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        """`fn` wrapped to add its wall time to `category`; a call nested in the same category counts once.
-        Each recorded call also keeps the seconds other categories gained during it (`inner`)."""
-
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            if self.depth.get(category, 0):
-                return fn(*args, **kwargs)
-            self.depth[category] = 1
-            before = dict(self.seconds)
-            start = time.perf_counter()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                spent = time.perf_counter() - start
-                self.depth[category] = 0
-                self.seconds[category] = self.seconds.get(category, 0.0) + spent
-                self.calls.append(
-                    {
-                        "category": category,
-                        "name": name(*args, **kwargs) if callable(name) else name,
-                        "seconds": spent,
-                        "inner": {k: v - before.get(k, 0.0) for k, v in self.seconds.items() if k != category},
-                        "rows": _rows(args) if category == "mlflow" else None,
-                    }
-                )
-
-        return wrapper
-
-    def total(self, category: str) -> float:
-        return self.seconds.get(category, 0.0)
-
-
-def _rows(args: tuple[Any, ...]) -> int | None:
-    """How many points a `Tracker.log_metrics(run_id, rows)` call carried."""
-    return len(args[2]) if len(args) >= 3 and isinstance(args[2], list) else None
-
-
-@contextlib.contextmanager
-def patched(owner: Any, name: str, replacement: Any) -> Iterator[None]:
-    own = name in vars(owner)
-    original = getattr(owner, name)
-    setattr(owner, name, replacement)
-    try:
-        yield
-    finally:
-        if own:
-            setattr(owner, name, original)
-        else:
-            delattr(owner, name)
-
-
-@contextlib.contextmanager
-def instrumented(ledger: Ledger) -> Iterator[Ledger]:
-    """Every timer of the module docstring, installed for the duration of the block."""
-    import prefect.flow_engine
-    import prefect.task_engine
-    import prefect.tasks
-    from prefect.server.api.server import SubprocessASGIServer
-
-    import flows.retrain
-    import tasks.data
-    from tasks.tracking import Tracker
-
-    def fn_name(fn: Any, *args: Any, **kwargs: Any) -> str:
-        return getattr(fn, "__name__", str(fn))
-
-    def task_name(task: Any, *args: Any, **kwargs: Any) -> str:
-        return getattr(task, "name", "?")
-
-    with contextlib.ExitStack() as stack:
-        for name, member in list(vars(Tracker).items()):
-            if callable(member) and not name.startswith("_") and not isinstance(member, (staticmethod, classmethod)):
-                label = f"Tracker.{name}"
-                stack.enter_context(patched(Tracker, name, ledger.timed("mlflow", label, member)))
-        stack.enter_context(
-            patched(tasks.data, "verify_data", ledger.timed("dvc", "verify_data", tasks.data.verify_data))
-        )
-        stack.enter_context(
-            patched(
-                flows.retrain,
-                "collect_lineage",
-                ledger.timed("lineage", "collect_lineage", flows.retrain.collect_lineage),
-            )
-        )
-        start = SubprocessASGIServer.start
-        stack.enter_context(patched(SubprocessASGIServer, "start", ledger.timed("server_start", "server start", start)))
-        call = prefect.tasks.Task.__call__
-        stack.enter_context(patched(prefect.tasks.Task, "__call__", ledger.timed("task_call", task_name, call)))
-        task_fn = prefect.task_engine.call_with_parameters
-        stack.enter_context(
-            patched(prefect.task_engine, "call_with_parameters", ledger.timed("task_fn", fn_name, task_fn))
-        )
-        flow_fn = prefect.flow_engine.call_with_parameters
-        stack.enter_context(
-            patched(prefect.flow_engine, "call_with_parameters", ledger.timed("flow_fn", fn_name, flow_fn))
-        )
-        yield ledger
 
 
 # --- the split (pure) ----------------------------------------------------------------------------------------
@@ -259,8 +149,6 @@ def _rate(row: dict[str, Any]) -> dict[str, float]:
 
 def step_logging(uri: str, rows_per_epoch: int, repeats: int = 5) -> dict[str, float]:
     """Median seconds of one `Tracker.log_metrics` call carrying one epoch of per-step points."""
-    from tasks.tracking import Tracker
-
     tracker = Tracker(uri)
     run_id = tracker.start_run("bench-logging", "step-logging", {})
     times = []
@@ -277,8 +165,6 @@ def step_logging(uri: str, rows_per_epoch: int, repeats: int = 5) -> dict[str, f
 def mlflow_store_setup(tmp: Path) -> dict[str, float]:
     """What creating a fresh sqlite store adds to the first MLflow call (mlflow is imported by now): the first
     `start_run` on a new store vs one on a store that exists."""
-    from tasks.tracking import Tracker
-
     times = {}
     for name in ("fresh_store_s", "existing_store_s"):
         tracker = Tracker(f"sqlite:///{tmp / 'store-setup.db'}")
@@ -292,7 +178,7 @@ def mlflow_store_setup(tmp: Path) -> dict[str, float]:
 
 def warm_server_start() -> float | None:
     """A second temporary Prefect server on the database the first one created (what a later run pays)."""
-    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.server.api.server import SubprocessASGIServer  # after isolate_prefect(): see pipeline_timers
 
     probe = SubprocessASGIServer()
     port = probe.find_available_port()
@@ -312,7 +198,7 @@ def server_cpu_seconds() -> float | None:
     """CPU time the temporary Prefect server process used so far (it shares the cores with training)."""
     try:
         import psutil
-        from prefect.server.api.server import SubprocessASGIServer
+        from prefect.server.api.server import SubprocessASGIServer  # after isolate_prefect(): see pipeline_timers
 
         proc = SubprocessASGIServer().server_process
         if proc is None:
@@ -324,8 +210,6 @@ def server_cpu_seconds() -> float | None:
 
 
 def demo_steps_per_epoch(config: Path) -> int:
-    from flows.config import load_config
-
     cfg = load_config(config)
     return math.ceil((cfg.data.train_limit or 4000) / cfg.training.batch_size)
 
@@ -348,7 +232,9 @@ def demo_seconds(summary: Path | None) -> tuple[float | None, str]:
 
 def run(config: Path, extra: list[str], demo_config: Path, demo_summary: Path | None) -> dict[str, Any]:
     started = time.perf_counter()
-    import flows.retrain  # noqa: F401  (imported before timing: its import cost is not the flow's)
+    # here, not at the top: after isolate_prefect() (Prefect fixes its home when imported), and timed on its own,
+    # so that its import cost is not counted as the flow's
+    import flows.retrain
 
     import_s = time.perf_counter() - started
     ledger = Ledger()
@@ -356,10 +242,8 @@ def run(config: Path, extra: list[str], demo_config: Path, demo_summary: Path | 
         tmp = Path(name)
         overrides = smoke_overrides(tmp, extra)
         with instrumented(ledger):
-            from flows.retrain import retrain
-
             start = time.perf_counter()
-            summary = retrain(str(config), overrides, str(tmp / "summary.json"))
+            summary = flows.retrain.retrain(str(config), overrides, str(tmp / "summary.json"))
             wall = time.perf_counter() - start
         server_cpu = server_cpu_seconds()
         stages = stage_times(tmp / "runs")
@@ -419,8 +303,6 @@ def run(config: Path, extra: list[str], demo_config: Path, demo_summary: Path | 
 
 
 def _batch_size(config: Path, extra: list[str]) -> int:
-    from flows.config import load_config
-
     return load_config(config, [o for o in extra if o.startswith("training.")]).training.batch_size
 
 

@@ -16,12 +16,12 @@ from typing import Any
 import torch
 
 from benchmarks.common import machine_info, write_result
-from flows.config import DataConfig
 from models.backbone import HeadOnly
 from models.batching import feature_batches
 from models.stages import frozen_features, set_trainable
 from models.text import TextAdapter
 from models.trainer import FitPlan, fit
+from runconfig import DataConfig
 from tasks.data import load_dataset
 from tasks.finetune import Encoded
 

@@ -1,5 +1,6 @@
 """Training throughput side by side in one run: our `models.trainer.fit` vs a minimal hand-written PyTorch loop
-vs Hugging Face `transformers.Trainer`; then dynamic vs fixed max-length padding; then a profile of `fit`.
+vs Hugging Face `transformers.Trainer`; then dynamic vs fixed max-length padding; then a profile of `fit`
+(the shared workload and step clock: `training_workload.py`; the profile: `training_profile.py`).
 
 Same model (the packaged MiniLM, `TextAdapter(max_length=64).build("minilm", 3)`, identical initial weights),
 same real tweets (`data/tweets/train.jsonl`), same batches in the same order, batch 32, fp32, AdamW (lr 5e-5,
@@ -21,216 +22,43 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
-import itertools
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from benchmarks.common import machine_info, write_result
-from models.batching import Batches, shuffled
+from benchmarks.common import ROOT, machine_info, write_result
+from benchmarks.training_profile import profile_fit
+from benchmarks.training_workload import (
+    LR,
+    MAX_LENGTH,
+    WEIGHT_DECAY,
+    Clock,
+    EndMarker,
+    TimedBatches,
+    Workload,
+    adamw_groups,
+    fixed_collate,
+    load_workload,
+    padding_stats,
+)
+from models.batching import Batches
+from models.trainer import FitPlan, fit
 
-ROOT = Path(__file__).resolve().parents[1]
-MAX_LENGTH = 64
-LR, WEIGHT_DECAY = 5e-5, 0.01
 LOOPS = ("ours", "plain", "trainer", "trainer_adamw_torch", "ours_fixed_padding")
 GOALS = {"ours_vs_plain": 0.97, "ours_vs_trainer": 1.0}
-
-
-# --- the workload --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Workload:
-    """Pre-tokenised examples already in batch order (a seeded shuffle), and the prototype model."""
-
-    adapter: Any
-    proto: torch.nn.Module
-    ids: list[list[int]]
-    labels: list[int]
-    batch_size: int
-    warmup: int
-    steps: int
-
-    @property
-    def total_steps(self) -> int:
-        return self.warmup + self.steps
-
-    def fresh_model(self) -> torch.nn.Module:
-        model = copy.deepcopy(self.proto)
-        model.train()
-        return model
-
-    def batches(self, collate: Callable[[list[list[int]]], dict[str, torch.Tensor]] | None = None) -> Batches:
-        return Batches(self.ids, self.labels, self.batch_size, collate or self.adapter.collate)
-
-
-def load_workload(data: Path, batch_size: int, warmup: int, steps: int, seed: int = 0) -> Workload:
-    from flows.config import DataConfig
-    from models.text import TextAdapter
-    from tasks.data import load_dataset
-
-    need = (warmup + steps) * batch_size
-    ds = load_dataset(DataConfig(modality="text", path=data, dvc_file=None, train_limit=need + 16), seed=seed)
-    order = shuffled(len(ds.train), seed)[:need]  # the split file is grouped by label: shuffle before batching
-    if len(order) < need:
-        raise SystemExit(f"{data}: need {need} training examples, found {len(order)}")
-    adapter = TextAdapter(max_length=MAX_LENGTH)
-    torch.manual_seed(seed)
-    proto = adapter.build("minilm", len(ds.classes))
-    ids = adapter.encode([ds.train.items[i] for i in order])
-    return Workload(adapter, proto, ids, [ds.train.labels[i] for i in order], batch_size, warmup, steps)
-
-
-def adamw_groups(model: torch.nn.Module) -> list[dict[str, Any]]:
-    """Two groups, as Trainer builds them: weight decay on matrices, none on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.ndim > 1], "lr": LR, "weight_decay": WEIGHT_DECAY},
-        {"params": [p for p in params if p.ndim <= 1], "lr": LR, "weight_decay": 0.0},
-    ]
-
-
-def fixed_collate(pad_id: int, length: int) -> Callable[..., dict[str, torch.Tensor]]:
-    """Pad every batch to `length` (what `padding="max_length"` does), for the dynamic-padding comparison."""
-
-    def collate(rows: list[list[int]], train: bool = False) -> dict[str, torch.Tensor]:
-        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for r, ids in enumerate(rows):
-            input_ids[r, : len(ids)] = torch.as_tensor(ids[:length])
-            attention_mask[r, : len(ids)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
-
-    return collate
-
-
-def padding_stats(ids: list[list[int]], batch_size: int, max_length: int, mega: int = 50) -> dict[str, float]:
-    """Tokens per example each padding policy computes on, and how many of them are real. `grouped` is what
-    length-grouped batching would give (sort each window of `mega` × batch_size shuffled examples by length, as
-    Hugging Face's LengthGroupedSampler does): an estimate from the lengths, not a timing."""
-    lengths = [len(x) for x in ids]
-
-    def padded(order: list[int]) -> float:
-        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-        return sum(len(c) * max(lengths[j] for j in c) for c in chunks) / len(order)
-
-    window = mega * batch_size
-    grouped = [
-        j
-        for w in range(0, len(lengths), window)
-        for j in sorted(range(w, min(w + window, len(lengths))), key=lambda j: -lengths[j])
-    ]
-    mean = sum(lengths) / len(lengths)
-    dynamic = padded(list(range(len(lengths))))
-    by_length = padded(grouped)
-    return {
-        "mean_tokens": mean,
-        "dynamic_padded_tokens": dynamic,
-        "grouped_padded_tokens": by_length,
-        "fixed_padded_tokens": float(max_length),
-        "dynamic_real_fraction": mean / dynamic,
-        "grouped_real_fraction": mean / by_length,
-        "fixed_real_fraction": mean / max_length,
-    }
-
-
-# --- timing --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Clock:
-    """marks[k] = perf_counter at the end of optimizer step k (marks[0]: before the first batch is fetched)."""
-
-    warmup: int
-    batch_size: int
-    marks: list[float] = field(default_factory=list)
-    threads_seen: int | None = None
-
-    def mark(self) -> None:
-        self.marks.append(time.perf_counter())
-        if len(self.marks) == self.warmup + 1:
-            self.threads_seen = torch.get_num_threads()
-
-    def result(self) -> dict[str, Any]:
-        if len(self.marks) < self.warmup + 2:
-            raise RuntimeError(f"loop recorded {len(self.marks) - 1} steps, needs more than {self.warmup}")
-        timed = self.marks[self.warmup :]
-        seconds = timed[-1] - timed[0]
-        steps = len(timed) - 1
-        step_s = [b - a for a, b in itertools.pairwise(timed)]
-        return {
-            "timed_steps": steps,
-            "samples": steps * self.batch_size,
-            "seconds": seconds,
-            "samples_per_s": steps * self.batch_size / seconds,
-            "median_step_s": statistics.median(step_s),
-            "step_s": step_s,
-            "threads": self.threads_seen,
-        }
-
-
-class TimedBatches(Sequence):
-    """The training batches `fit` sees: requesting batch i marks the end of step i (i steps done)."""
-
-    def __init__(self, inner: Batches, clock: Clock, collate_times: list[float] | None = None):
-        self.inner, self.clock, self.collate_times = inner, clock, collate_times
-
-    def __len__(self) -> int:
-        return len(self.inner)
-
-    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
-        if i == len(self.clock.marks):  # the first request of batch i (fit may index or iterate)
-            self.clock.mark()
-        start = time.perf_counter()
-        batch = self.inner[i]
-        if self.collate_times is not None:
-            self.collate_times.append(time.perf_counter() - start)
-        return batch
-
-    def __iter__(self) -> Iterator[Any]:
-        for i in range(len(self)):
-            yield self[i]
-
-
-class EndMarker(Sequence):
-    """The validation batches `fit` evaluates after the epoch: their first use marks the end of the last step."""
-
-    def __init__(self, inner: Sequence, clock: Clock, n_steps: int):
-        self.inner, self.clock, self.n_steps = inner, clock, n_steps
-
-    def _end(self) -> None:
-        if len(self.clock.marks) == self.n_steps:  # every training batch was requested: training is over
-            self.clock.mark()
-
-    def __len__(self) -> int:
-        self._end()
-        return len(self.inner)
-
-    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
-        self._end()
-        return self.inner[i]
-
-    def __iter__(self) -> Iterator[Any]:
-        self._end()
-        return iter(self.inner)
 
 
 # --- the three loops -----------------------------------------------------------------------------------------
 
 
 def run_ours(work: Workload, workdir: Path, collate: Callable | None = None) -> dict[str, Any]:
-    from models.trainer import FitPlan, fit
-
     model, clock = work.fresh_model(), Clock(work.warmup, work.batch_size)
     train = TimedBatches(work.batches(collate), clock)
     val = EndMarker(
@@ -294,6 +122,7 @@ class _Examples(torch.utils.data.Dataset):
 
 
 def run_trainer(work: Workload, workdir: Path, optim: str | None = None) -> dict[str, Any]:
+    # here, not at the top: `transformers.Trainer` takes seconds to import and only these two loops use it
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
 
     clock = Clock(work.warmup, work.batch_size)
@@ -408,171 +237,6 @@ def summarise(per_round: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         k: {"target": f"≥ {v:.2f}×", "value": ratios[k], "met": ratios[k] >= v} for k, v in GOALS.items() if k in ratios
     }
     return {"loops": loops, "ratios": ratios, "goals": goals}
-
-
-# --- profile of fit's hot path -------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def phase_timers(model: torch.nn.Module) -> Iterator[dict[str, float]]:
-    """Seconds spent per phase of a training step, by wrapping what `fit` calls (restored on exit)."""
-    import rich.progress
-
-    spent: dict[str, float] = {}
-    patched: list[tuple[Any, str, Any, bool]] = []
-
-    def wrap(owner: Any, name: str, phase: str) -> None:
-        original = getattr(owner, name)
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                spent[phase] = spent.get(phase, 0.0) + time.perf_counter() - start
-
-        patched.append((owner, name, original, name in vars(owner)))
-        setattr(owner, name, timed)
-
-    wrap(torch.nn.functional, "cross_entropy", "loss")
-    wrap(torch.Tensor, "backward", "backward")
-    wrap(torch.Tensor, "item", "loss.item()")
-    wrap(torch.nn.utils, "clip_grad_norm_", "clip_grad_norm_")
-    wrap(torch.optim.Optimizer, "zero_grad", "zero_grad")
-    wrap(torch.optim.lr_scheduler.LambdaLR, "step", "scheduler.step")
-    wrap(rich.progress.Progress, "update", "progress bar")
-    step_start: list[float] = []
-
-    def step_done(*_: Any) -> None:
-        spent["optimizer.step"] = spent.get("optimizer.step", 0.0) + time.perf_counter() - step_start.pop()
-
-    # LRScheduler re-binds optimizer.step on the instance, so time it with torch's global step hooks
-    opt_pre = register_optimizer_step_pre_hook(lambda *_: step_start.append(time.perf_counter()))
-    opt_post = register_optimizer_step_post_hook(step_done)
-    starts: list[float] = []
-    pre = model.register_forward_pre_hook(lambda m, a, k: starts.append(time.perf_counter()), with_kwargs=True)
-
-    def forward_done(*_: Any) -> None:
-        spent["forward"] = spent.get("forward", 0.0) + time.perf_counter() - starts.pop()
-
-    post = model.register_forward_hook(forward_done)
-    try:
-        yield spent
-    finally:
-        for handle in (pre, post, opt_pre, opt_post):
-            handle.remove()
-        for owner, name, original, own in reversed(patched):
-            if own:
-                setattr(owner, name, original)
-            else:  # it was inherited: drop our shadowing attribute
-                delattr(owner, name)
-
-
-def profile_fit(work: Workload, workdir: Path, steps: int, top: int = 12) -> dict[str, Any]:
-    """A few steps of the real `fit` under torch.profiler with per-phase timers; plus AdamW implementations
-    timed on the same gradients (the optimizer is the one phase whose implementation we choose)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from models.trainer import FitPlan, fit
-
-    n = work.warmup + steps
-    sub = Workload(
-        work.adapter,
-        work.proto,
-        work.ids[: n * work.batch_size],
-        work.labels[: n * work.batch_size],
-        work.batch_size,
-        work.warmup,
-        steps,
-    )
-    model, clock, collate_times = sub.fresh_model(), Clock(sub.warmup, sub.batch_size), []
-    train = TimedBatches(sub.batches(), clock, collate_times)
-    val = EndMarker(Batches(sub.ids[: sub.batch_size], sub.labels[: sub.batch_size], 64, sub.adapter.collate), clock, n)
-
-    class Window:
-        """Start the profiler and phase timers when the warm-up steps are done."""
-
-        def __init__(self) -> None:
-            self.stack = contextlib.ExitStack()
-            self.prof: Any = None
-            self.spent: dict[str, float] = {}
-
-        def __call__(self, epoch: int) -> Sequence:
-            return self
-
-        def __len__(self) -> int:
-            return len(train)
-
-        def __getitem__(self, i: int) -> Any:
-            if i == sub.warmup and self.prof is None:
-                self.prof = self.stack.enter_context(profile(activities=[ProfilerActivity.CPU]))
-                self.spent = self.stack.enter_context(phase_timers(model))
-                collate_times.clear()
-            return train[i]
-
-        def __iter__(self) -> Iterator[Any]:
-            for i in range(len(self)):
-                yield self[i]
-
-    window = Window()
-
-    class Stop(EndMarker):
-        def _end(self) -> None:
-            super()._end()
-            window.stack.close()
-
-    fit(
-        model,
-        adamw_groups(model),
-        window,
-        Stop(val.inner, clock, n),
-        FitPlan(epochs=1, device="cpu"),
-        workdir / "profile.safetensors",
-        title="profile",
-    )
-    timed = clock.result()
-    total = timed["seconds"]
-    phases = dict(window.spent)
-    phases["collate"] = sum(collate_times)
-    phases["other (loop glue)"] = total - sum(phases.values())
-    ops = sorted(window.prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    cpu_total = sum(e.self_cpu_time_total for e in ops) or 1.0
-    return {
-        "steps": steps,
-        "step_s": total / steps,
-        "phases_pct": {k: 100 * v / total for k, v in sorted(phases.items(), key=lambda kv: -kv[1])},
-        "top_ops": [
-            {"op": e.key, "self_cpu_pct": 100 * e.self_cpu_time_total / cpu_total, "calls": e.count} for e in ops[:top]
-        ],
-        "optimizer_step_ms": optimizer_variants(sub),
-    }
-
-
-def optimizer_variants(work: Workload, repeats: int = 5) -> dict[str, float]:
-    """Median ms of one AdamW step over the whole model: torch's CPU default (per-tensor loop), foreach, fused."""
-    model = work.fresh_model()
-    inputs, labels = work.batches()[0]
-    F.cross_entropy(model(**inputs), labels).backward()
-    out = {}
-    for name, kwargs in (
-        ("default (for-loop on CPU)", {}),
-        ("foreach=True", {"foreach": True}),
-        ("fused=True", {"fused": True}),
-    ):
-        try:
-            optimizer = torch.optim.AdamW(adamw_groups(model), **kwargs)
-        except (RuntimeError, ValueError) as exc:
-            out[name] = float("nan")
-            print(f"AdamW {name}: {exc}")
-            continue
-        optimizer.step()  # allocate the state
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            optimizer.step()
-            times.append(time.perf_counter() - start)
-        out[name] = 1000 * statistics.median(times)
-    return out
 
 
 # --- entry point ---------------------------------------------------------------------------------------------

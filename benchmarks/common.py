@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: machine description, result files, locating the demo's latest run."""
+"""Shared benchmark plumbing: the repository root, the machine description, per-benchmark result files."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import json
 import os
 import platform
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 
 
 def cpu_flags() -> set[str]:
@@ -23,6 +25,28 @@ def cpu_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
+def cpu_ghz(cpuinfo: str | None = None, lscpu: str | None = None) -> tuple[float, str]:
+    """The clock the peak assumes: lscpu's 'CPU max MHz' when the kernel exposes it, else the highest
+    'cpu MHz' in /proc/cpuinfo (under a hypervisor that is the nominal clock; turbo is invisible)."""
+    if lscpu is None:
+        try:
+            lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            lscpu = ""
+    for line in lscpu.splitlines():
+        if line.strip().startswith("CPU max MHz:"):
+            return float(line.split(":", 1)[1]) / 1000, "lscpu 'CPU max MHz'"
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    mhz = [float(ln.split(":", 1)[1]) for ln in cpuinfo.splitlines() if ln.startswith("cpu MHz")]
+    if mhz:
+        return max(mhz) / 1000, "/proc/cpuinfo 'cpu MHz' (nominal under a hypervisor; turbo not visible)"
+    return float("nan"), "unknown"
+
+
 def machine_info() -> dict[str, Any]:
     model = "unknown"
     with contextlib.suppress(OSError, StopIteration):
@@ -32,7 +56,7 @@ def machine_info() -> dict[str, Any]:
             if ln.startswith("model name")
         )
     flags = cpu_flags()
-    import torch
+    import torch  # here, not at the top: the runner and the report import this module and need no torch
 
     return {
         "cpu": model,
@@ -53,13 +77,3 @@ def write_result(name: str, results: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}-{socket.gethostname()[:20]}-{stamp}.json"
     path.write_text(json.dumps(results, indent=2, default=float) + "\n")
     return path
-
-
-def latest_run_dir(root: Path = Path("runs")) -> Path:
-    """The most recent retrain run directory that has an exported bundle."""
-    candidates = sorted(
-        (p.parents[2] for p in root.glob("*/export/bundle/manifest.json")), key=lambda p: p.stat().st_mtime
-    )
-    if not candidates:
-        raise SystemExit(f"no exported run under {root}/: run `make demo` first")
-    return candidates[-1]

@@ -1,18 +1,24 @@
 """Unit tests of the benchmark suite's pure helpers: formulas, timing bookkeeping, the overhead split, the runner's
-result merging and Markdown rendering. Nothing here times anything or asserts on a duration."""
+result merging, Markdown rendering and which model the benchmarks measure. Nothing here times anything or asserts
+on a duration."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from transflow_edge.bundle import pack, write_manifest
 
 from benchmarks import __main__ as runner
-from benchmarks import bench_limits, bench_pipeline, bench_training
+from benchmarks import bench_limits, bench_pipeline, bench_training, common, model, pipeline_timers, report
+from benchmarks import training_workload as workload
+from benchmarks.report.markdown import fmt, md_table
+from runconfig import load_config
 
 ZEN4_CPUINFO = (
     "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\ncpu MHz\t\t: 2596.140\ncpu MHz\t\t: 2600.0\n"
@@ -47,10 +53,10 @@ def test_peak_is_cores_ghz_fma_lanes_two_and_int8_is_four_times() -> None:
 
 
 def test_frequency_prefers_lscpu_max_then_the_highest_cpuinfo_clock() -> None:
-    assert bench_limits.cpu_ghz(ZEN4_CPUINFO, "CPU max MHz:  3700.0000\n") == (3.7, "lscpu 'CPU max MHz'")
-    ghz, source = bench_limits.cpu_ghz(ZEN4_CPUINFO, "Model name: AMD EPYC\n")
+    assert common.cpu_ghz(ZEN4_CPUINFO, "CPU max MHz:  3700.0000\n") == (3.7, "lscpu 'CPU max MHz'")
+    ghz, source = common.cpu_ghz(ZEN4_CPUINFO, "Model name: AMD EPYC\n")
     assert ghz == pytest.approx(2.6) and "cpuinfo" in source
-    ghz, source = bench_limits.cpu_ghz("", "")
+    ghz, source = common.cpu_ghz("", "")
     assert ghz != ghz and source == "unknown"  # NaN
 
 
@@ -65,27 +71,27 @@ def test_zen4_gets_the_256_bit_datapath_note_and_intel_does_not() -> None:
 
 def test_padding_stats_count_what_each_policy_computes_on() -> None:
     ids = [[1] * 2, [1] * 4, [1] * 6, [1] * 8]
-    stats = bench_training.padding_stats(ids, batch_size=2, max_length=10)
+    stats = workload.padding_stats(ids, batch_size=2, max_length=10)
     assert stats["mean_tokens"] == 5
     assert stats["dynamic_padded_tokens"] == (2 * 4 + 2 * 8) / 4
     assert stats["fixed_padded_tokens"] == 10
     assert stats["dynamic_real_fraction"] == pytest.approx(5 / 6)
     assert stats["fixed_real_fraction"] == pytest.approx(0.5)
     mixed = [[1] * 2, [1] * 8, [1] * 2, [1] * 8]  # every batch of 2 holds a long one; grouping pairs them
-    grouped = bench_training.padding_stats(mixed, batch_size=2, max_length=10)
+    grouped = workload.padding_stats(mixed, batch_size=2, max_length=10)
     assert grouped["dynamic_padded_tokens"] == 8 and grouped["grouped_padded_tokens"] == 5
 
 
 def test_fixed_collate_pads_every_batch_to_the_same_length() -> None:
-    out = bench_training.fixed_collate(pad_id=0, length=5)([[7, 8], [9, 9, 9]])
+    out = workload.fixed_collate(pad_id=0, length=5)([[7, 8], [9, 9, 9]])
     assert out["input_ids"].tolist() == [[7, 8, 0, 0, 0], [9, 9, 9, 0, 0]]
     assert out["attention_mask"].tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]]
 
 
 def test_adamw_groups_decay_matrices_only() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4))
-    decay, no_decay = bench_training.adamw_groups(model)
-    assert [p.ndim for p in decay["params"]] == [2] and decay["weight_decay"] == bench_training.WEIGHT_DECAY
+    decay, no_decay = workload.adamw_groups(model)
+    assert [p.ndim for p in decay["params"]] == [2] and decay["weight_decay"] == workload.WEIGHT_DECAY
     assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
 
 
@@ -97,20 +103,20 @@ def test_rotation_gives_every_loop_every_position() -> None:
 
 
 def test_clock_times_only_the_steps_after_the_warmup() -> None:
-    clock = bench_training.Clock(warmup=1, batch_size=4, marks=[0.0, 10.0, 11.0, 13.0])
+    clock = workload.Clock(warmup=1, batch_size=4, marks=[0.0, 10.0, 11.0, 13.0])
     out = clock.result()
     assert out["timed_steps"] == 2 and out["seconds"] == 3.0
     assert out["samples_per_s"] == pytest.approx(8 / 3)
     assert out["step_s"] == [1.0, 2.0]
     with pytest.raises(RuntimeError):
-        bench_training.Clock(warmup=2, batch_size=4, marks=[0.0, 1.0, 2.0]).result()
+        workload.Clock(warmup=2, batch_size=4, marks=[0.0, 1.0, 2.0]).result()
 
 
 def test_timed_batches_mark_step_ends_and_validation_marks_the_last() -> None:
     inner = [({"x": torch.zeros(1)}, torch.zeros(1)) for _ in range(3)]
-    clock = bench_training.Clock(warmup=1, batch_size=1)
-    batches = bench_training.TimedBatches(inner, clock)  # type: ignore[arg-type]
-    val = bench_training.EndMarker(["v"], clock, n_steps=3)
+    clock = workload.Clock(warmup=1, batch_size=1)
+    batches = workload.TimedBatches(inner, clock)  # type: ignore[arg-type]
+    val = workload.EndMarker(["v"], clock, n_steps=3)
     assert len(val) == 1 and clock.marks == []  # validation touched before training ends: no mark
     for i in range(len(batches)):
         batches[i]
@@ -192,7 +198,7 @@ def test_extrapolation_keeps_the_overhead_and_grows_the_compute() -> None:
 
 
 def test_ledger_counts_nested_calls_once_and_records_inner_time() -> None:
-    ledger = bench_pipeline.Ledger()
+    ledger = pipeline_timers.Ledger()
     inner = ledger.timed("mlflow", "inner", lambda run_id, rows: len(rows))
     outer_mlflow = ledger.timed("mlflow", "outer", lambda: inner("r", [1, 2]))
     task = ledger.timed("task_call", "t", lambda: outer_mlflow())
@@ -240,7 +246,10 @@ def test_patched_restores_own_and_inherited_attributes() -> None:
         def g(self) -> str:
             return "g"
 
-    with bench_pipeline.patched(Child, "f", lambda self: "patched"), bench_pipeline.patched(Child, "g", lambda s: "x"):
+    with (
+        pipeline_timers.patched(Child, "f", lambda self: "patched"),
+        pipeline_timers.patched(Child, "g", lambda s: "x"),
+    ):
         assert Child().f() == "patched" and Child().g() == "x"
     assert Child().f() == "base" and "f" not in vars(Child)
     assert Child().g() == "g"
@@ -288,7 +297,7 @@ def test_a_partial_rerun_replaces_its_benchmarks_and_keeps_the_others() -> None:
     assert out["ran"] == {"inference": "2026-01-02T03:04:05", "training": "2026-01-02T03:04:05"}
     assert out["seconds"]["total"] == 20.0
     assert runner.combine(merged({"inference": {}}, quick=False), new) == new  # full and quick never mix
-    md = runner.render_markdown(out, "x.json")
+    md = report.render_markdown(out, "x.json")
     assert "Kept from earlier runs of the same day: inference (2026-01-02T03:04:05)." in md
 
 
@@ -305,19 +314,19 @@ def test_selected_keeps_the_suite_order_and_rejects_unknown_names() -> None:
 
 
 def test_md_table_and_numbers() -> None:
-    table = runner.md_table(["a", "b"], [[1234, 0.5], ["x|y", None]])
+    table = md_table(["a", "b"], [[1234, 0.5], ["x|y", None]])
     assert table.splitlines() == ["| a | b |", "| --- | --- |", "| 1,234 | 0.50 |", "| x\\|y | – |"]
-    assert runner.fmt(float("nan")) == "n/a" and runner.fmt(True) == "yes" and runner.fmt(0.0001) == "0.0001"
+    assert fmt(float("nan")) == "n/a" and fmt(True) == "yes" and fmt(0.0001) == "0.0001"
 
 
 def test_goal_rows_cover_reported_goals_probe_and_edge() -> None:
     training = {"ratios": {"ours_vs_trainer": 0.9}, "goals": {"ours_vs_trainer": {"target": "≥ 1.00×", "met": False}}}
-    rows = runner.goal_rows("training", training)
+    rows = report.goal_rows("training", training)
     assert rows == [["training", "ours_vs_trainer", "≥ 1.00×", "0.900×", "**not met**"]]
-    probe = runner.goal_rows("probe", {"speedup_per_epoch_after_first": 7.0})
+    probe = report.goal_rows("probe", {"speedup_per_epoch_after_first": 7.0})
     assert probe[0][-1] == "**met**"
     edge = {"ratios": {"overhead_p50_ms_unbatched_c1": 3.0, "swap_failed_requests": 0}}
-    assert [r[-1] for r in runner.goal_rows("edge", edge)] == ["**not met**", "**met**"]
+    assert [r[-1] for r in report.goal_rows("edge", edge)] == ["**not met**", "**met**"]
 
 
 def test_render_shows_machine_goals_errors_and_keeps_notes() -> None:
@@ -332,15 +341,15 @@ def test_render_shows_machine_goals_errors_and_keeps_notes() -> None:
             "custom": {"n": 3, "group": {"a": {"x": 1.5}}},
         }
     )
-    md = runner.render_markdown(doc, "benchmarks/results/x.json", notes="my finding")
+    md = report.render_markdown(doc, "benchmarks/results/x.json", notes="my finding")
     assert "AMD EPYC" in md and "AVX-512F, AVX-512 VNNI" in md
     assert "| training | ours_vs_plain | ≥ 0.97× | 1.010× | **met** |" in md
     assert "**skipped**: benchmarks/bench_edge.py is not there yet" in md and "**error**: boom" in md
     assert "| n | 3 |" in md and "| a | 1.50 |" in md  # an unknown benchmark renders generically
-    assert runner.kept_notes(md) == "my finding"
-    again = runner.render_markdown(doc, "x.json", runner.kept_notes(md))
-    assert runner.kept_notes(again) == "my finding"
-    assert runner.kept_notes("# no markers") is None
+    assert report.kept_notes(md) == "my finding"
+    again = report.render_markdown(doc, "x.json", report.kept_notes(md))
+    assert report.kept_notes(again) == "my finding"
+    assert report.kept_notes("# no markers") is None
 
 
 def test_child_writes_the_result_or_why_it_failed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -364,3 +373,135 @@ def test_child_writes_the_result_or_why_it_failed(tmp_path: Path, monkeypatch: p
 def test_a_missing_benchmark_module_is_skipped_not_run() -> None:
     result, seconds = runner.run_one("edge", "benchmarks.no_such_bench", [], timeout=1)
     assert "skipped" in result and seconds == 0.0
+
+
+# --- the report: one section per benchmark, rendered from stored results --------------------------------------
+
+STORED = Path(runner.ROOT) / "benchmarks" / "results" / "vm-2026-11-24.json"
+
+
+def test_stored_results_render_every_section_as_before() -> None:
+    """The committed full-suite results render to the lines BENCHMARKS.md had when the sections lived in the runner."""
+    md = report.render_markdown(json.loads(STORED.read_text()), "benchmarks/results/vm-2026-11-24.json", "kept")
+    lines = md.splitlines()
+    expected = [
+        "Generated by `python -m benchmarks run` (`make bench`) on 2026-11-24T16:29:28: the **full** suite, benchmarks "
+        "9.7 min (budget 15 min). Raw results: `benchmarks/results/vm-2026-11-24.json`. Every claim is a ratio "
+        "measured side by side in one run on this machine; absolute times are this CPU's only.",
+        "| probe | cached vs naive, per epoch after the first | ≥ 5× | 299.3× | **met** |",
+        "| edge | server overhead p50 at 1 client, unbatched | ≤ 2 ms | 3.38 ms | **not met** |",
+        "| edge | failed requests during a bundle swap | 0 | 0 | **met** |",
+        "| training | ours_vs_trainer | ≥ 1.00× | 0.994× | **not met** |",
+        "| pipeline | demo_overhead_warm_pct | ≤ 5% | 2.569% | **met** |",
+        "## Inference: torch vs ONNX fp32 vs ONNX int8",
+        "| 1 | onnx_int8 | 2.89 | 4.10 | 343.21 | 3.88 |",
+        "## Probe stage: cached features vs frozen backbone every epoch",
+        "| epochs | 4 |",
+        "## Edge server",
+        "| 32 | 165.22 | 570.96 | 183.15 | 7.22 | 138.68 | 612.98 | 205.48 | 0.89 |",
+        "## Training throughput",
+        "| ours | 35.62 | 35.54, 34.72 | 0.91 | AdamW fused | 2 |",
+        "### Profile of the training hot path",
+        "| backward | 54.6 |",
+        "## Orchestration overhead (retraining flow)",
+        "| Prefect: temporary server start | 9.84 | 24.7 |",
+        "## Distance to the limit (MiniLM, seq 64, batch 32)",
+        "| onnxruntime int8 | 127.51 | 250.96 | 350.52 | 1,329.22 | 26.4 | 52.7 |",
+    ]
+    missing = [line for line in expected if line not in lines]
+    assert not missing
+    order = [lines.index(f"## {report.title(n)}") for n in ("inference", "probe", "edge", "training", "pipeline")]
+    assert order == sorted(order)
+    assert "could not render" not in md and report.kept_notes(md) == "kept"
+
+
+def test_the_model_measured_is_named_in_the_report() -> None:
+    doc = merged({"inference": {"error": "x"}}) | {"model": "tweets-sentiment@champion (tweets-sentiment v3)"}
+    md = report.render_markdown(doc, "x.json")
+    assert "Model measured by the inference, edge and limits benchmarks: tweets-sentiment@champion" in md
+
+
+def test_rendering_imports_neither_torch_nor_prefect(tmp_path: Path) -> None:
+    """The runner renders in its own process; importing Prefect there would create ~/.prefect."""
+    code = (
+        "import json, sys, pathlib\n"
+        "from benchmarks import __main__ as runner, report\n"
+        f"report.render_file(pathlib.Path({str(STORED)!r}), pathlib.Path({str(tmp_path / 'B.md')!r}))\n"
+        "print(sorted(m for m in ('torch', 'prefect', 'mlflow') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+    assert "## Training throughput" in (tmp_path / "B.md").read_text()
+
+
+# --- which model: named, never the newest run ------------------------------------------------------------------
+
+
+def tiny_bundle(where: Path, name: str = "tweets") -> Path:
+    where.mkdir(parents=True)
+    (where / "model.onnx").write_bytes(b"not really onnx")
+    (where / "labels.json").write_text('["negative", "neutral", "positive"]')
+    write_manifest(where, {"name": name, "version": "1", "default_model": "model.onnx"})
+    return where
+
+
+def demo_setup(tmp_path: Path) -> tuple[Path, Path]:
+    """A demo config in tmp_path (its own output dir and DVC pin) and the run directory it trains into."""
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data\n")
+    config = tmp_path / "demo.yaml"
+    config.write_text(
+        f"name: text-tweets\noutput_dir: {tmp_path / 'runs'}\n"
+        f"data: {{modality: text, path: {tmp_path / 'data'}, dvc_file: {tmp_path / 'data.dvc'}}}\n"
+        "stages: [{kind: probe, epochs: 1}]\n"
+    )
+    return config, load_config(config).workdir("0123456789abcdef0123456789abcdef")
+
+
+def test_the_demo_model_is_the_demo_configs_run_not_the_newest(tmp_path: Path) -> None:
+    config, run_dir = demo_setup(tmp_path)
+    with pytest.raises(SystemExit) as missing:
+        model.demo_model(config)
+    message = str(missing.value)
+    assert "\n" not in message and str(run_dir / "export" / "bundle") in message and "make demo" in message
+    tiny_bundle(run_dir / "export" / "bundle")
+    newer = tmp_path / "runs" / "vision-digits-aaaa-bbbb"
+    tiny_bundle(newer / "export" / "bundle", "digits")
+    found = model.demo_model(config)
+    assert found.run_dir == run_dir and found.bundle == run_dir / "export" / "bundle"
+    assert run_dir.name.startswith("text-tweets-01234567-")
+
+
+def test_a_named_run_dir_bundle_or_archive_is_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = tmp_path / "run"
+    tiny_bundle(run_dir / "export" / "bundle")
+    named = model.resolve_model(str(run_dir))
+    assert named.run_dir == run_dir and named.local == run_dir
+    bundle = tiny_bundle(tmp_path / "bundle")
+    only = model.resolve_model(str(bundle))
+    assert only.run_dir is None and only.local == bundle
+    with pytest.raises(SystemExit, match="needs a run directory"):
+        only.require_run_dir("bench_inference")
+    monkeypatch.setattr(model, "CACHE", tmp_path / "cache")
+    archive = pack(bundle, tmp_path / "bundle.tar.gz")
+    unpacked = model.resolve_model(str(archive))
+    assert unpacked.run_dir is None and (unpacked.bundle / "manifest.json").is_file()
+    assert model.resolve_model(str(archive)).bundle == unpacked.bundle  # unpacked once, reused
+    (bundle / "model.onnx").write_bytes(b"changed")
+    with pytest.raises(SystemExit, match="sha256"):
+        model.resolve_model(str(bundle))
+    with pytest.raises(SystemExit, match="no such run directory or bundle"):
+        model.resolve_model(str(tmp_path / "nowhere"))
+
+
+def test_a_registered_model_that_does_not_exist_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(model, "CACHE", tmp_path / "cache")
+    with pytest.raises(SystemExit) as missing:
+        model.resolve_model("no-such-model@champion")
+    assert str(missing.value).startswith("--model no-such-model@champion: ") and "\n" not in str(missing.value)
+
+
+def test_the_runner_passes_the_resolved_model_to_the_benchmarks_that_measure_one() -> None:
+    assert {n for n, b in runner.BENCHMARKS.items() if b.takes_model} == {"inference", "edge", "limits"}
+    with pytest.raises(SystemExit, match="no such run directory or bundle"):
+        runner.named_model("definitely/not/here", timeout=120)
