@@ -25,6 +25,7 @@ from transflow_edge.bundle import BundleError, read_bundle, verify_bundle
 from benchmarks.common import ROOT
 from runconfig import load_config
 from tasks.data import DataError, data_version
+from tasks.tracking import Tracker, resolve_tracking_uri, tracking_errors
 
 DEMO_CONFIG = ROOT / "configs" / "text-tweets.yaml"
 CACHE = ROOT / "runs" / "bench-models"  # registered versions and unpacked archives, reused across runs
@@ -119,11 +120,10 @@ def unpacked(archive: Path) -> Path:
 
 def registered_model(spec: str) -> MeasuredModel:
     """A registered version as a run directory under the cache: config.json, model/ and its verified bundle."""
-    # Imported here, not at the top: they load MLflow, torch and Prefect, which only this form needs (the edge
-    # benchmark measures a bundle in a process that should not carry them).
+    # Imported here, not at the top: they load torch and Prefect, which only this form needs (the edge benchmark
+    # measures a bundle in a process that should not carry them; the runner's own process should not import Prefect).
     from flows.train import MODEL_ARTIFACT
     from tasks.registered_version import RegistryError, fetch_verified_bundle, require_version, run_config
-    from tasks.tracking import Tracker, resolve_tracking_uri, tracking_errors
 
     tracker = Tracker(resolve_tracking_uri(None))
     try:

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transflow_edge.bundle import pack, write_manifest
+from transflow_edge.bundle import pack, verify_bundle, write_manifest
 
 from benchmarks import __main__ as runner
 from benchmarks import bench_limits, bench_pipeline, bench_training, common, model, pipeline_timers, report
 from benchmarks import training_workload as workload
 from benchmarks.report.markdown import fmt, md_table
-from runconfig import load_config
+from runconfig import RunConfig, load_config
+from tasks.tracking import Tracker
 
 ZEN4_CPUINFO = (
     "vendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\ncpu MHz\t\t: 2596.140\ncpu MHz\t\t: 2600.0\n"
@@ -505,3 +506,36 @@ def test_the_runner_passes_the_resolved_model_to_the_benchmarks_that_measure_one
     assert {n for n, b in runner.BENCHMARKS.items() if b.takes_model} == {"inference", "edge", "limits"}
     with pytest.raises(SystemExit, match="no such run directory or bundle"):
         runner.named_model("definitely/not/here", timeout=120)
+
+
+def test_a_registered_alias_is_downloaded_once_as_a_run_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real MLflow store (sqlite + local artifacts): config.json, model/ and the bundle archive logged on a run,
+    the version registered with its bundle_sha256 tag and an alias, then `--model NAME@ALIAS` resolved."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr(model, "CACHE", tmp_path / "cache")
+    tracker = Tracker(uri)
+    run_id = tracker.start_run("bench-test", "tiny", {})
+    config = tmp_path / "logged" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps(RunConfig(stages=[{"kind": "probe"}]).resolved()))
+    tracker.log_artifacts(run_id, config)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.safetensors").write_bytes(b"w")
+    tracker.log_artifacts(run_id, tmp_path / "model", "model")
+    bundle = tiny_bundle(tmp_path / "bundle")
+    tracker.log_artifacts(run_id, pack(bundle, tmp_path / "bundle.tar.gz"), "bundle")
+    sha = verify_bundle(bundle).sha256
+    version = tracker.register(run_id, "tiny-model", "model", {"bundle_sha256": sha}, alias="champion")
+    tracker.end_run(run_id)
+
+    found = model.resolve_model("tiny-model@champion")
+    assert found.run_dir == tmp_path / "cache" / f"tiny-model-v{version}"
+    assert (found.run_dir / "model" / "weights.safetensors").read_bytes() == b"w"
+    assert RunConfig.model_validate_json((found.run_dir / "config.json").read_text()).stages[0].kind == "probe"
+    assert verify_bundle(found.bundle).sha256 == sha
+    assert found.named == f"tiny-model@champion (tiny-model v{version})"
+    with pytest.raises(SystemExit, match="tiny-model@nope"):
+        model.resolve_model("tiny-model@nope")
