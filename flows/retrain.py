@@ -205,6 +205,17 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
     for name, m in summary["baselines"].items():
         table.add_row(f"baseline {name}", "", f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", "")
     console.print(table)
+    if summary.get("selected_stage"):
+        console.print(f"model = stage {summary['selected_stage']['name']}: {summary['selected_stage']['why']}")
+    check = summary.get("baseline_check")
+    if check is None:
+        console.print("[bold yellow]no baselines evaluated (evaluation.baselines: false): nothing says this model "
+                      "beats a linear one[/]")  # fmt: skip
+    elif not check["passed"]:
+        console.print(f"[bold white on red] THIS MODEL LOSES TO ITS BASELINE [/] {check['detail']}: the promotion "
+                      "gate refuses it (registry.require_beats_baselines)")  # fmt: skip
+    else:
+        console.print(f"[green]beats its baselines:[/] {check['detail']}")
     if summary.get("promotion"):
         p = summary["promotion"]
         console.print(f"auto-promotion: {p['outcome']}: {'; '.join(p['reasons'])}")

@@ -22,7 +22,7 @@ from models.backbone import Adapter, HeadOnly, TransferModel
 from models.batching import feature_batches
 from runconfig import RunConfig, load_config
 from tasks import data as data_tasks
-from tasks.evaluate import baselines, evaluate_model, plot_curves
+from tasks.evaluate import baseline_verdict, baselines, evaluate_model, plot_curves
 from tasks.finetune import (
     LIVE,
     RUN_CONFIG,
@@ -129,7 +129,7 @@ def train_model(cfg: RunConfig, data_version: str, tracker: Tracker, run_id: str
         if needs_features
         else None
     )
-    metric, stages, histories = cfg.evaluation.metric, [], {}
+    metric, stages, histories, tests = cfg.evaluation.metric, [], {}, {}
     for index, stage in enumerate(cfg.stages):
         outcome = None if any(not s.get("resumed") for s in stages) else finished(workdir, stage)
         if outcome:
@@ -145,7 +145,7 @@ def train_model(cfg: RunConfig, data_version: str, tracker: Tracker, run_id: str
         test = _test_stage(model, adapter, encoded, features, stage.kind, cfg, dataset.classes, device, bf16, workdir)
         rows = [(f"{stage.label}.test_{k}", test[k], 0) for k in ("accuracy", "macro_f1")]
         tracker.log_metrics(run_id, [*rows, (f"{stage.label}.best_val_{metric}", outcome.best_metric, 0)])
-        histories[stage.label] = outcome.history
+        histories[stage.label], tests[stage.label] = outcome.history, test
         stages.append(
             {
                 "name": stage.label,
@@ -158,7 +158,11 @@ def train_model(cfg: RunConfig, data_version: str, tracker: Tracker, run_id: str
                 "test": {k: test[k] for k in ("accuracy", "macro_f1")},
             }
         )
-    final = test
+    selected = select_stage(stages, metric, cfg.evaluation.select)
+    if selected["name"] != stages[-1]["name"]:  # the model holds the last stage's weights: go back to the best
+        restore_stage(model, workdir, cfg.stages[[s["name"] for s in stages].index(selected["name"])])
+    print(f"model: stage {selected['name']} ({selected['why']})")
+    final = tests[selected["name"]]
     refs = {}
     if cfg.evaluation.baselines:
         train_split, test_split = dataset.train, dataset.test
@@ -172,6 +176,11 @@ def train_model(cfg: RunConfig, data_version: str, tracker: Tracker, run_id: str
             len(dataset.classes),
         )
         tracker.log_metrics(run_id, [(f"baseline.{n}.test_{k}", v, 0) for n, m in refs.items() for k, v in m.items()])
+    verdict = baseline_verdict(final, refs, metric)
+    if verdict is not None:
+        tracker.set_tags(
+            run_id, {"baselines.passed": str(verdict["passed"]).lower(), "baselines.detail": verdict["detail"]}
+        )
     curves = plot_curves(histories, metric, workdir / "plots" / "validation_curves.png")
     tracker.log_metrics(run_id, [(f"test_{k}", final[k], 0) for k in ("accuracy", "macro_f1", "loss")])
     for png in (curves, Path(final["confusion_png"])):
@@ -187,12 +196,26 @@ def train_model(cfg: RunConfig, data_version: str, tracker: Tracker, run_id: str
         "stages": stages,
         "test": {k: final[k] for k in ("accuracy", "macro_f1", "loss")},
         "baselines": refs,
+        "baseline_check": verdict,
+        "selected_stage": selected,
         "sizes": {s: len(dataset.split(s)) for s in ("train", "validation", "test")},
         "device": device,
     }
     (workdir / TRAINING_JSON).write_text(json.dumps(results, indent=2) + "\n")
     tracker.log_artifacts(run_id, workdir / TRAINING_JSON)
     return Trained(results, model, adapter, encoded, dataset, final["logits"])
+
+
+def select_stage(stages: list[dict[str, Any]], metric: str, rule: str) -> dict[str, str]:
+    """`evaluation.select`: the stage whose weights become the run's model, and why (validation metric only: the
+    test split never chooses). Ties go to the later stage, which saw more training."""
+    key = f"best_val_{metric}"
+    if rule == "last" or len(stages) == 1:
+        last = stages[-1]
+        return {"name": last["name"], "rule": rule, "why": f"last stage, validation {metric} {last[key]:.4f}"}
+    best = max(reversed(stages), key=lambda s: s[key])
+    others = ", ".join(f"{s['name']} {s[key]:.4f}" for s in stages if s is not best)
+    return {"name": best["name"], "rule": rule, "why": f"best validation {metric} {best[key]:.4f} (vs {others})"}
 
 
 def _test_stage(model, adapter, encoded, features, kind, cfg, classes, device, bf16, workdir):

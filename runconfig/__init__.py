@@ -55,6 +55,12 @@ class BackboneConfig(_Strict):
     hflip: bool = Field(default=True, description="Vision: random horizontal flips in training (off for digits, text).")
     mean: list[float] | None = Field(default=None, description="Vision: normalisation mean (default: backbone's).")
     std: list[float] | None = Field(default=None, description="Vision: normalisation std (default: backbone's).")
+    augment: Literal["none", "light", "trivial", "randaugment"] = Field(
+        default="light",
+        description="Vision, training batches: none; light (per-image random crop/shift/flip); trivial / "
+        "randaugment (light + torchvision v2 TrivialAugmentWide / RandAugment).",
+    )
+    random_erasing: float = Field(default=0.0, ge=0, le=1, description="Vision: v2 RandomErasing probability.")
 
 
 StageKind = Literal["probe", "partial", "full", "lora"]
@@ -75,6 +81,14 @@ class StageConfig(_Strict):
     lora_alpha: int = Field(default=16, ge=1)
     lora_dropout: float = Field(default=0.1, ge=0, lt=1)
     patience: int | None = Field(default=None, ge=1, description="Early stopping: epochs without improvement.")
+    steps: int | None = Field(
+        default=None, ge=1, description="A budget of optimizer steps instead of `epochs` (small data sets)."
+    )
+    eval_rounds: int = Field(default=10, ge=1, description="With `steps`: validations along the budget.")
+    schedule: Literal["linear", "cosine"] = Field(default="linear", description="LR decay after warmup.")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)
+    mixup_alpha: float = Field(default=0.0, ge=0, description="Vision: v2 MixUp alpha (0: off).")
+    cutmix_alpha: float = Field(default=0.0, ge=0, description="Vision: v2 CutMix alpha (0: off).")
 
     @property
     def label(self) -> str:
@@ -101,7 +115,12 @@ class TrainingConfig(_Strict):
 
 class EvaluationConfig(_Strict):
     metric: Literal["macro_f1", "accuracy"] = "macro_f1"
-    baselines: bool = True
+    baselines: bool = Field(
+        default=True, description="Evaluate the modality's classical baseline and the frozen-backbone probe."
+    )
+    select: Literal["best", "last"] = Field(
+        default="best", description="Which stage's weights are the run's model: best validation metric, or last."
+    )
 
 
 class RegistryConfig(_Strict):
@@ -111,6 +130,9 @@ class RegistryConfig(_Strict):
     enabled: bool = Field(default=True, description="Register (and export) the model; off for experiments.")
     auto_promote: bool = False
     margin: float = 0.0
+    require_beats_baselines: bool = Field(
+        default=True, description="The gate refuses a version that lost to a baseline of its own run."
+    )
 
 
 class ExportConfig(_Strict):
@@ -240,6 +262,8 @@ class PretrainSettings(_Strict):
     weight_decay: float = Field(default=0.05, ge=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     mask_ratio: float = Field(default=0.5, gt=0, lt=1, description="mim: share of patches hidden; mlm: of tokens.")
+    schedule: Literal["linear", "cosine"] = Field(default="linear", description="supervised: LR decay.")
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1, description="supervised: cross-entropy smoothing.")
 
 
 class PretrainConfig(_Strict):

@@ -98,6 +98,29 @@ def baselines(
     return out
 
 
+def baseline_verdict(
+    model_test: dict[str, float], refs: dict[str, dict[str, float]], metric: str
+) -> dict[str, Any] | None:
+    """Does the model beat every baseline of its own run on the test split? None when none was evaluated.
+
+    Losing to a baseline means a strictly lower test `metric`: a tie with a linear model is no reason to ship a
+    Transformer either, but it is not flagged as a loss."""
+    if not refs:
+        return None
+    mine = float(model_test[metric])
+    theirs = {name: float(m[metric]) for name, m in refs.items()}
+    lost_to = sorted(name for name, score in theirs.items() if mine < score)
+    best_name = max(theirs, key=lambda name: theirs[name])
+    if lost_to:
+        detail = f"test {metric} {mine:.4f} is below baseline " + ", ".join(
+            f"{name} {theirs[name]:.4f}" for name in lost_to
+        )
+    else:
+        detail = f"test {metric} {mine:.4f} ≥ every baseline (best: {best_name} {theirs[best_name]:.4f})"
+    return {"passed": not lost_to, "metric": metric, "model": mine, "baselines": theirs, "lost_to": lost_to,
+            "detail": detail}  # fmt: skip
+
+
 def plot_transfer(rows: list[dict[str, Any]], path: Path) -> Path:
     """Grouped bars: test accuracy per target, one bar per init × schedule."""
     targets = sorted({r["target"] for r in rows})

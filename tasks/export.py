@@ -296,11 +296,23 @@ training data (other languages, domains or image kinds) are out of scope.
 
 {int8_reason}. fp32 parity with PyTorch: max |Δlogit| {metrics["fp32_max_abs_diff"]:.2e}.
 
+## Baselines (same run, same test split)
+{_baseline_line(lineage)}
+
 ## Limitations
 Scores are softmax outputs, not calibrated probabilities. Accuracy is measured on one held-out split of
 the data version above; expect lower accuracy on data that drifts from it.
 """
     ModelCard(content).save(str(path))
+
+
+def _baseline_line(lineage: dict[str, Any]) -> str:
+    passed, detail = lineage.get("baselines.passed"), lineage.get("baselines.detail", "")
+    if passed is None:
+        return "No baselines were evaluated in this model's run (evaluation.baselines: false)."
+    if passed == "true":
+        return f"Beats every baseline of its run: {detail}."
+    return f"**WARNING: this model loses to a baseline of its own run**: {detail}. Do not ship it without a reason."
 
 
 def report_dict(report: ExportReport) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from tasks.registered_version import (
     verify_same_data,
     verify_version_bundle,
 )
-from tasks.registry_gate import Check, Decision, compare, decide, tag_checks
+from tasks.registry_gate import Check, Decision, baseline_check, compare, decide, tag_checks
 from tasks.registry_lock import RegistryBusy, current_user, registry_lock
 from tasks.tracking import Tracker, VersionRecord
 
@@ -119,6 +119,7 @@ class GateInputs:
     metric: str
     margin: float
     int8_budget_pt: float
+    require_beats_baselines: bool
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
@@ -200,6 +201,7 @@ def gather(
         metric,
         cfg.registry.margin if margin is None else margin,
         cfg.export.int8_budget_pt if int8_budget_pt is None else int8_budget_pt,
+        cfg.registry.require_beats_baselines,
     )
 
 
@@ -212,6 +214,7 @@ def judge(gate: GateInputs, champion: VersionRecord | None, user: str, dry_run: 
     elif champion:
         checks.append(same_labels(gate.challenger, champion))
     checks += tag_checks(gate.challenger.tags, gate.int8_budget_pt)
+    checks.append(baseline_check(gate.challenger.tags, gate.require_beats_baselines))
     checks.append(compare(gate.metric, mine[gate.metric], theirs[gate.metric] if theirs else None, gate.margin))
     promote, reasons = decide(checks)
     before = champion.version if champion else None

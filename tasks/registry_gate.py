@@ -76,6 +76,19 @@ def int8_check(tags: Mapping[str, str], budget_pt: float) -> Check:
     return Check("int8", ok, f"int8 macro-F1 drop {delta:.2f} pt {'within' if ok else 'exceeds'} budget {budget_pt} pt")
 
 
+def baseline_check(tags: Mapping[str, str], required: bool) -> Check:
+    """The version's own run compared it with its modality's baselines (tags `baselines.*`): a loss refuses it.
+    A run that evaluated no baseline (evaluation.baselines: false) recorded nothing to judge, and says so."""
+    passed, detail = tags.get("baselines.passed"), tags.get("baselines.detail", "")
+    if passed is None:
+        return Check("beats_baselines", True, "no baselines were evaluated in its run: not compared")
+    if passed == "true":
+        return Check("beats_baselines", True, f"beats its baselines: {detail}")
+    if not required:
+        return Check("beats_baselines", True, f"LOSES to a baseline ({detail}); allowed by registry config")
+    return Check("beats_baselines", False, f"loses to a baseline of its own run: {detail}")
+
+
 def compare(metric: str, challenger: float, champion: float | None, margin: float) -> Check:
     """Wins when strictly better and by at least `margin`: a tie never moves the champion."""
     if champion is None:

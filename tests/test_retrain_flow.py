@@ -94,6 +94,13 @@ def test_summary_json_matches_the_registry(smoke_run: tuple[dict, Path]) -> None
     assert version.run_id == written["run_id"]
     assert float(version.tags["test_macro_f1"]) == pytest.approx(written["test"]["macro_f1"], abs=1e-4)
     assert json.loads(version.tags["classes"]) == written["classes"] == ["negative", "neutral", "positive"]
+    best = max(reversed(written["stages"]), key=lambda s: s["best_val_macro_f1"])
+    assert written["selected_stage"]["name"] == best["name"] and written["selected_stage"]["rule"] == "best"
+    assert written["test"]["macro_f1"] == pytest.approx(best["test"]["macro_f1"])  # the chosen stage is the model
+    check = written["baseline_check"]
+    assert version.tags["baselines.passed"] == str(check["passed"]).lower()
+    beaten = all(written["test"]["macro_f1"] >= b["macro_f1"] for b in written["baselines"].values())
+    assert check["passed"] is beaten and version.tags["baselines.detail"] == check["detail"]
 
 
 def test_rerun_resumes_finished_stages_and_registers_once_per_run(
