@@ -11,15 +11,25 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from transflow_edge.bundle import BundleError
+from transflow_edge.guards import BodyDeadline
 from transflow_edge.metrics import MetricsMiddleware
 from transflow_edge.model import LoadedModel
-from transflow_edge.parsing import ApiError, check_inputs, parse_inputs, predictions, read_body, receive_archive
+from transflow_edge.parsing import (
+    ApiError,
+    check_predict_type,
+    parse_inputs,
+    predictions,
+    read_body,
+    receive_archive,
+)
 from transflow_edge.preprocess import PreprocessError
 from transflow_edge.settings import TOKEN_ENV, Settings
 from transflow_edge.state import EdgeState
@@ -48,6 +58,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="transflow edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.edge = state
+    # Parsing, base64 and image decoding, tokenisation: on these threads only, never on the event loop.
+    workers = anyio.CapacityLimiter(settings.parse_workers)
 
     def require_model() -> LoadedModel:
         model = state.model
@@ -91,20 +103,24 @@ def create_app(settings: Settings) -> FastAPI:
         return state.describe(require_model())
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(state.metrics.render(state.model), media_type="text/plain; version=0.0.4")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(state.model), media_type=CONTENT_TYPE_LATEST)
+
+    def parse_and_prepare(body: bytes, content_type: str, model: LoadedModel) -> list[Any]:
+        items = parse_inputs(body, content_type, model, settings)
+        try:
+            return model.prepare(items)
+        except PreprocessError as exc:
+            raise ApiError(422, str(exc)) from None
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict[str, Any]:
         started = time.perf_counter()
         model = require_model()  # this request uses this model to the end, whatever is swapped in meanwhile
-        body = await read_body(request, settings.max_body_bytes)
-        items = parse_inputs(body, request.headers.get("content-type", ""), model.modality)
-        check_inputs(items, model.modality, settings)
-        try:
-            prepared = await run_in_threadpool(model.prepare, items)
-        except PreprocessError as exc:
-            raise ApiError(422, str(exc)) from None
+        content_type = request.headers.get("content-type", "")
+        check_predict_type(content_type, model)
+        body = await read_body(request, settings.max_body_bytes, max_parts=settings.max_items)
+        prepared = await anyio.to_thread.run_sync(parse_and_prepare, body, content_type, model, limiter=workers)
         try:
             future = state.batcher.submit(model, prepared)
         except OverflowError:
@@ -124,7 +140,7 @@ def create_app(settings: Settings) -> FastAPI:
         work = state.store.new_staging()
         try:
             archive = work / "upload.tar.gz"
-            await receive_archive(request, archive, settings.max_upload_bytes)
+            await receive_archive(request, archive, settings.max_upload_bytes, workers)
             return await run_in_threadpool(state.install, archive, "upload", work)
         except BundleError as exc:
             raise ApiError(422, f"bundle rejected, still serving the previous model: {exc}") from None
@@ -141,9 +157,37 @@ def create_app(settings: Settings) -> FastAPI:
         except BundleError as exc:
             raise ApiError(422, f"previous bundle rejected, still serving the current model: {exc}") from None
 
-    endpoints = {route.path for route in app.routes if hasattr(route, "path")}
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics, endpoints=endpoints)
+    app.add_middleware(BodyDeadline, seconds=settings.body_timeout_s)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """The connection limits of `Settings` as uvicorn options (see settings.py for what each bounds)."""
+    options: dict[str, Any] = {
+        "limit_concurrency": settings.max_connections,
+        "timeout_keep_alive": settings.keep_alive_s,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,
+        "http": "h11",  # the one implementation whose head-size limit we set
+        "server_header": False,
+        "timeout_graceful_shutdown": 10,
+    }
+    if settings.tls_certfile is not None:
+        options |= {"ssl_certfile": str(settings.tls_certfile), "ssl_keyfile": str(settings.tls_keyfile)}
+    return options
+
+
+def warn_plain_admin(settings: Settings, host: str) -> bool:
+    """Loudly, when the admin token would cross a network in clear text."""
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    if settings.token is None or settings.tls_certfile is not None or loopback:
+        return False
+    log.warning(
+        "!!! admin endpoints are on over plain HTTP on %s: the bearer token travels in clear text. "
+        "Give --tls-cert/--tls-key, or listen on 127.0.0.1 behind a TLS proxy. !!!",
+        host,
+    )
+    return True
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8080, log_level: str = "info") -> None:
@@ -151,5 +195,6 @@ def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8080, log_lev
     import uvicorn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    warn_plain_admin(settings, host)
     app = create_app(settings)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False, timeout_graceful_shutdown=10)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_options(settings))

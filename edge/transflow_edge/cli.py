@@ -38,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     add("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per physical core)")
     add("--watch-dir", type=Path, help="serve the newest bundle .tar.gz dropped into this folder (air-gapped sites)")
     add("--watch-interval", type=float, default=2.0, help="seconds between looks at --watch-dir")
+    add("--max-image-pixels", type=int, default=0, help="decoded pixels per image (0: 64x the model input)")
+    add("--parse-workers", type=int, default=4, help="threads that parse bodies and decode inputs")
+    add("--max-connections", type=int, default=256, help="open connections + running requests; above: 503")
+    add("--body-timeout", type=float, default=30.0, help="seconds a client may take to send a request body")
+    add("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
+    add("--tls-cert", type=Path, help="PEM certificate: serve HTTPS (with --tls-key)")
+    add("--tls-key", type=Path, help="PEM private key of --tls-cert")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -64,6 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             intra_op_threads=args.threads,
             watch_dir=args.watch_dir,
             watch_interval_s=args.watch_interval,
+            max_image_pixels=args.max_image_pixels,
+            parse_workers=args.parse_workers,
+            max_connections=args.max_connections,
+            body_timeout_s=args.body_timeout,
+            keep_alive_s=args.keep_alive,
+            tls_certfile=args.tls_cert,
+            tls_keyfile=args.tls_key,
         )
         if settings.token is None:
             print("admin endpoints disabled: no $TRANSFLOW_EDGE_TOKEN and no --token-file", file=sys.stderr)

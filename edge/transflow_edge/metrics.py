@@ -1,119 +1,98 @@
-"""Prometheus metrics of the edge server and the middleware that counts every response."""
+"""Prometheus metrics of the edge server (prometheus_client, one registry per app) and the middleware that
+counts every response.
+
+Label values are bounded whatever clients send: the method is one of the HTTP methods the server knows (else
+"other"), the endpoint is the matched route's template (`/v2/models/{name}/infer`, never the raw path; "other"
+when nothing matched), the status is one the server itself answered.
+"""
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
-from collections.abc import Sequence
-from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from transflow_edge.model import LoadedModel
 
-log = logging.getLogger("transflow.edge")
-
-
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
-
-
-class _Histogram:
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.sum = 0.0
-        self.count = 0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-        self.sum += value
-        self.count += 1
-
-    def render(self, name: str, labels: str = "") -> list[str]:
-        sep = "," if labels else ""
-        pairs = zip(self.buckets, self.counts, strict=True)
-        lines = [f'{name}_bucket{{{labels}{sep}le="{b:g}"}} {c}' for b, c in pairs]
-        lines.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.count}')
-        suffix = f"{{{labels}}}" if labels else ""
-        return [*lines, f"{name}_sum{suffix} {self.sum:.6f}", f"{name}_count{suffix} {self.count}"]
-
-
-def _label(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+LOAD_SOURCES = frozenset({"startup", "upload", "watch", "rollback"})
 
 
 class Metrics:
-    """Prometheus text format by hand: the edge extra stays free of a metrics client."""
-
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, str, int], int] = {}
-        self.latency: dict[str, _Histogram] = {}
-        self.batch_items = _Histogram(BATCH_BUCKETS)
-        self.batch_requests = _Histogram(BATCH_BUCKETS)
-        self.inference = _Histogram(LATENCY_BUCKETS)
-        self.bundle_loads: dict[tuple[str, str], int] = {}
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "transflow_edge_requests",
+            "HTTP requests by endpoint (route template), method and status.",
+            ["endpoint", "method", "status"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "transflow_edge_request_duration_seconds",
+            "HTTP request latency by endpoint.",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_items = Histogram(
+            "transflow_edge_batch_size", "Items per onnxruntime call.", buckets=BATCH_BUCKETS, registry=registry
+        )
+        self.batch_requests = Histogram(
+            "transflow_edge_batch_requests",
+            "Requests merged into one onnxruntime call.",
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.inference = Histogram(
+            "transflow_edge_inference_seconds",
+            "Time in onnxruntime per call.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.bundle_loads = Counter(
+            "transflow_edge_bundle_loads", "Bundle loads by source and result.", ["source", "result"], registry=registry
+        )
+        self.ready = Gauge("transflow_edge_model_ready", "1 when a verified model is loaded.", registry=registry)
+        self.info = Gauge(
+            "transflow_edge_model_info",
+            "The loaded model; always 1.",
+            ["name", "version", "modality", "bundle_sha256"],
+            registry=registry,
+        )
+        self._shown: LoadedModel | None = None
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
-        with self._lock:
-            key = (endpoint, method, status)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            self.latency.setdefault(endpoint, _Histogram(LATENCY_BUCKETS)).observe(seconds)
+        method = method if method in METHODS else "other"
+        self.requests.labels(endpoint, method, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
 
     def observe_batch(self, items: int, requests: int, seconds: float) -> None:
-        with self._lock:
-            self.batch_items.observe(items)
-            self.batch_requests.observe(requests)
-            self.inference.observe(seconds)
+        self.batch_items.observe(items)
+        self.batch_requests.observe(requests)
+        self.inference.observe(seconds)
 
     def observe_load(self, source: str, result: str) -> None:
-        with self._lock:
-            self.bundle_loads[(source, result)] = self.bundle_loads.get((source, result), 0) + 1
+        self.bundle_loads.labels(source if source in LOAD_SOURCES else "other", result).inc()
 
-    def render(self, model: LoadedModel | None) -> str:
-        def family(name: str, kind: str, help_: str) -> list[str]:
-            return [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
-
-        with self._lock:
-            out = family("transflow_edge_requests_total", "counter", "HTTP requests by endpoint, method and status.")
-            out += [
-                f'transflow_edge_requests_total{{endpoint="{_label(e)}",method="{m}",status="{s}"}} {n}'
-                for (e, m, s), n in sorted(self.requests.items())
-            ]
-            out += family("transflow_edge_request_duration_seconds", "histogram", "HTTP request latency.")
-            for endpoint, hist in sorted(self.latency.items()):
-                out += hist.render("transflow_edge_request_duration_seconds", f'endpoint="{_label(endpoint)}"')
-            out += family("transflow_edge_batch_size", "histogram", "Items per onnxruntime call.")
-            out += self.batch_items.render("transflow_edge_batch_size")
-            out += family("transflow_edge_batch_requests", "histogram", "Requests merged into one onnxruntime call.")
-            out += self.batch_requests.render("transflow_edge_batch_requests")
-            out += family("transflow_edge_inference_seconds", "histogram", "Time in onnxruntime per call.")
-            out += self.inference.render("transflow_edge_inference_seconds")
-            out += family("transflow_edge_bundle_loads_total", "counter", "Bundle loads by source and result.")
-            out += [
-                f'transflow_edge_bundle_loads_total{{source="{s}",result="{r}"}} {n}'
-                for (s, r), n in sorted(self.bundle_loads.items())
-            ]
-        out += family("transflow_edge_model_ready", "gauge", "1 when a verified model is loaded.")
-        out.append(f"transflow_edge_model_ready {int(model is not None)}")
-        out += family("transflow_edge_model_info", "gauge", "The loaded model; always 1.")
-        if model is not None:
-            out.append(
-                f'transflow_edge_model_info{{name="{_label(model.name)}",version="{_label(model.version)}",'
-                f'modality="{model.modality}",bundle_sha256="{model.bundle.sha256}"}} 1'
-            )
-        return "\n".join(out) + "\n"
+    def render(self, model: LoadedModel | None) -> bytes:
+        """The exposition text; the model gauges follow the model served now (one info series at a time)."""
+        if model is not self._shown:
+            self.info.clear()
+            if model is not None:
+                self.info.labels(model.name, model.version, model.modality, model.bundle.sha256).set(1)
+            self._shown = model
+        self.ready.set(int(model is not None))
+        return generate_latest(self.registry)
 
 
 class MetricsMiddleware:
-    """Count every response by route and status, including errors raised below it."""
+    """Count every response by route template and status, including errors raised below it."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: set[str]) -> None:
-        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -130,5 +109,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            endpoint = scope["path"] if scope["path"] in self.endpoints else "other"
+            route = scope.get("route")  # set by the router on the scope it was given: the template, not the path
+            endpoint = getattr(route, "path", None) or "other"
             self.metrics.observe_request(endpoint, scope["method"], status, time.perf_counter() - started)

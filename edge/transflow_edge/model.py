@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from transflow_edge import preprocess
 from transflow_edge.bundle import Bundle, BundleError
-from transflow_edge.preprocess import PreprocessError, Preprocessor
+from transflow_edge.preprocess import IMAGE_FORMATS, PreprocessError, Preprocessor
 
 log = logging.getLogger("transflow.edge")
 
@@ -100,20 +100,24 @@ def _read_labels(bundle: Bundle) -> list[str]:
     return labels
 
 
-def load_model(bundle: Bundle, intra_op_threads: int = 0) -> LoadedModel:
+def load_model(
+    bundle: Bundle, intra_op_threads: int = 0, max_image_pixels: int = 0, image_formats: Sequence[str] = IMAGE_FORMATS
+) -> LoadedModel:
     """Build session and preprocessor for a verified bundle and pass its golden check, or raise BundleError."""
     try:
-        return _load_model(bundle, intra_op_threads)
+        return _load_model(bundle, intra_op_threads, max_image_pixels, image_formats)
     except BundleError:
         raise
     except Exception as exc:  # whatever an untrusted bundle triggers, the running model keeps serving
         raise BundleError(f"bundle cannot be loaded ({type(exc).__name__}: {exc})") from None
 
 
-def _load_model(bundle: Bundle, intra_op_threads: int) -> LoadedModel:
+def _load_model(
+    bundle: Bundle, intra_op_threads: int, max_image_pixels: int, image_formats: Sequence[str]
+) -> LoadedModel:
     default_model = bundle.manifest["default_model"]
     try:
-        preprocessor = preprocess.from_bundle(bundle)
+        preprocessor = preprocess.from_bundle(bundle, max_image_pixels, image_formats)
     except (OSError, json.JSONDecodeError) as exc:
         raise BundleError(f"{preprocess.PREPROCESSING}: cannot be read ({exc})") from None
     if preprocessor.modality != bundle.manifest.get("modality"):

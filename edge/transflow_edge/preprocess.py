@@ -15,13 +15,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tokenizers import Tokenizer
 
 from transflow_edge.bundle import Bundle, BundleError
 
 PREPROCESSING = "preprocessing.json"
-MAX_IMAGE_PIXELS = 4096 * 4096  # below PIL's decompression-bomb warning, far above any edge model's input
+# Bounds on what a bundle may declare, checked when it is installed: one request of 64 images at 512x512x3
+# float32 is 200 MB, and a text model longer than 4096 tokens is not an edge model.
+MAX_IMAGE_SIZE = 512
+MAX_TEXT_LENGTH = 4096
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")  # what cameras and browsers send; no TIFF, PSD, EPS, …
+MIN_PIXEL_CAP = 2048 * 2048
+
+
+def default_max_pixels(image_size: int) -> int:
+    """Decoded pixels allowed per image: 64x the model's input area, at least 4 megapixels (a phone photo
+    resized by its app). A 4096x4096 image sent to a 28x28 model is refused from its header."""
+    return max(MIN_PIXEL_CAP, 64 * image_size * image_size)
 
 
 class PreprocessError(ValueError):
@@ -43,6 +54,14 @@ def _spec(bundle: Bundle, modality: str) -> dict[str, Any]:
     return spec
 
 
+def _int(spec: dict[str, Any], key: str, default: int | None = None) -> int:
+    """An integer field of the spec, or a BundleError naming it."""
+    value = spec.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BundleError(f"{PREPROCESSING}: {key} must be an integer, got {value!r:.40}")
+    return value
+
+
 class TextPreprocessor:
     """Tokenise with the bundle's fast tokenizer, truncate to max_length, pad the batch to its longest."""
 
@@ -56,6 +75,10 @@ class TextPreprocessor:
         input_names: Sequence[str],
         padding: str = "longest",
     ) -> None:
+        if not 1 <= max_length <= MAX_TEXT_LENGTH:
+            raise BundleError(f"{PREPROCESSING}: max_length {max_length} is outside 1..{MAX_TEXT_LENGTH}")
+        if pad_token_id < 0 or pad_token_id >= tokenizer.get_vocab_size():
+            raise BundleError(f"{PREPROCESSING}: pad_token_id {pad_token_id} is not in the tokenizer's vocabulary")
         if padding not in ("longest", "max_length"):
             raise BundleError(f"{PREPROCESSING}: padding {padding!r} is not 'longest' or 'max_length'")
         unknown = set(input_names) - {"input_ids", "attention_mask", "token_type_ids"}
@@ -78,16 +101,16 @@ class TextPreprocessor:
             tokenizer = Tokenizer.from_file(str(bundle.path(spec.get("tokenizer", "tokenizer.json"))))
         except Exception as exc:  # tokenizers raises a bare Exception for unreadable files
             raise BundleError(f"{spec.get('tokenizer', 'tokenizer.json')}: not a readable tokenizer ({exc})") from None
-        try:
-            return cls(
-                tokenizer,
-                int(spec["max_length"]),
-                int(spec.get("pad_token_id", 0)),
-                spec.get("inputs", ["input_ids", "attention_mask"]),
-                spec.get("padding", "longest"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise BundleError(f"{PREPROCESSING}: invalid text spec ({exc!r})") from None
+        inputs = spec.get("inputs", ["input_ids", "attention_mask"])
+        if not isinstance(inputs, list) or not all(isinstance(n, str) for n in inputs):
+            raise BundleError(f"{PREPROCESSING}: inputs must be a list of input names")
+        return cls(
+            tokenizer,
+            _int(spec, "max_length"),
+            _int(spec, "pad_token_id", 0),
+            inputs,
+            str(spec.get("padding", "longest")),
+        )
 
     def prepare(self, items: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Token ids and token type ids of each text, special tokens added, truncated."""
@@ -130,10 +153,18 @@ class ImagePreprocessor:
         std: Sequence[float],
         channels: int,
         input_name: str = "pixel_values",
-        max_pixels: int = MAX_IMAGE_PIXELS,
+        max_pixels: int = 0,
+        formats: Sequence[str] = IMAGE_FORMATS,
     ) -> None:
+        if isinstance(image_size, bool) or not 1 <= image_size <= MAX_IMAGE_SIZE:
+            raise BundleError(f"{PREPROCESSING}: image_size {image_size} is outside 1..{MAX_IMAGE_SIZE}")
         if channels not in (1, 3) or len(mean) != channels or len(std) != channels:
             raise BundleError(f"{PREPROCESSING}: channels must be 1 or 3, with one mean and std per channel")
+        values = [float(v) for v in [*mean, *std]]  # TypeError/ValueError: from_bundle names the field
+        if not all(np.isfinite(values)) or min(float(v) for v in std) <= 0:
+            raise BundleError(f"{PREPROCESSING}: mean and std must be finite numbers, std positive")
+        if not isinstance(input_name, str):
+            raise BundleError(f"{PREPROCESSING}: inputs must name one input")
         try:
             self.resample = Image.Resampling[resize.upper()]
         except KeyError:
@@ -143,23 +174,31 @@ class ImagePreprocessor:
         self.mean = np.asarray(mean, dtype=np.float32).reshape(channels, 1, 1)
         self.std = np.asarray(std, dtype=np.float32).reshape(channels, 1, 1)
         self.input_names = [input_name]
-        self.max_pixels = max_pixels
+        self.max_pixels = max_pixels or default_max_pixels(image_size)
+        self.formats = [f.upper() for f in formats]
 
     @classmethod
-    def from_bundle(cls, bundle: Bundle | Path) -> ImagePreprocessor:
+    def from_bundle(
+        cls, bundle: Bundle | Path, max_pixels: int = 0, formats: Sequence[str] = IMAGE_FORMATS
+    ) -> ImagePreprocessor:
         spec = _spec(_as_bundle(bundle), cls.modality)
-        try:
-            (input_name,) = spec.get("inputs", ["pixel_values"])
-            return cls(
-                int(spec["image_size"]),
-                spec.get("resize", "bilinear"),
-                spec["mean"],
-                spec["std"],
-                int(spec["channels"]),
-                input_name,
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BundleError(f"{PREPROCESSING}: invalid image spec ({exc!r})") from None
+        inputs = spec.get("inputs", ["pixel_values"])
+        if not isinstance(inputs, list) or len(inputs) != 1:
+            raise BundleError(f"{PREPROCESSING}: inputs must name exactly one input")
+        mean, std = spec.get("mean"), spec.get("std")
+        for key, value in (("mean", mean), ("std", std)):
+            if not isinstance(value, list) or not all(isinstance(v, int | float) for v in value):
+                raise BundleError(f"{PREPROCESSING}: {key} must be a list of numbers, one per channel")
+        return cls(
+            _int(spec, "image_size"),
+            str(spec.get("resize", "bilinear")),
+            mean,
+            std,
+            _int(spec, "channels"),
+            inputs[0],
+            max_pixels,
+            formats,
+        )
 
     def decode(self, item: bytes | Image.Image | np.ndarray, index: int = 0) -> Image.Image:
         """Encoded bytes (PNG, JPEG, …) or a uint8 array → a fully loaded PIL image, size-checked first."""
@@ -169,13 +208,22 @@ class ImagePreprocessor:
             return Image.fromarray(item)
         if not isinstance(item, bytes | bytearray):
             raise PreprocessError(f"inputs[{index}]: expected image bytes, got {type(item).__name__}")
-        try:
-            image = Image.open(io.BytesIO(item))
+        try:  # only the allowed decoders even look at the bytes; the size comes from the header
+            image = Image.open(io.BytesIO(item), formats=self.formats)
             if image.width * image.height > self.max_pixels:
-                raise PreprocessError(f"inputs[{index}]: image of {image.width}x{image.height} pixels is too large")
+                raise PreprocessError(
+                    f"inputs[{index}]: image of {image.width}x{image.height} pixels is too large "
+                    f"(limit {self.max_pixels} pixels for this model)"
+                )
             image.load()
         except PreprocessError:
             raise
+        except Image.DecompressionBombError:
+            raise PreprocessError(f"inputs[{index}]: image is too large (decompression bomb)") from None
+        except UnidentifiedImageError:
+            raise PreprocessError(
+                f"inputs[{index}]: not a decodable image (accepted formats: {', '.join(self.formats)})"
+            ) from None
         except Exception as exc:  # PIL raises many types for corrupt data; all mean "not an image we can read"
             raise PreprocessError(f"inputs[{index}]: not a decodable image ({type(exc).__name__}: {exc})") from None
         return image
@@ -210,8 +258,8 @@ PREPROCESSORS: dict[str, type[TextPreprocessor] | type[ImagePreprocessor]] = {
 }
 
 
-def from_bundle(bundle: Bundle | Path) -> Preprocessor:
-    """The preprocessor named by the bundle's preprocessing.json."""
+def from_bundle(bundle: Bundle | Path, max_pixels: int = 0, formats: Sequence[str] = IMAGE_FORMATS) -> Preprocessor:
+    """The preprocessor named by the bundle's preprocessing.json (image limits: see ImagePreprocessor)."""
     bundle = _as_bundle(bundle)
     try:
         modality = bundle.json(PREPROCESSING).get("modality")
@@ -219,4 +267,6 @@ def from_bundle(bundle: Bundle | Path) -> Preprocessor:
         raise BundleError(f"{PREPROCESSING}: cannot be read ({exc})") from None
     if modality not in PREPROCESSORS:
         raise BundleError(f"{PREPROCESSING}: unknown modality {modality!r}")
-    return PREPROCESSORS[modality].from_bundle(bundle)
+    if modality == "image":
+        return ImagePreprocessor.from_bundle(bundle, max_pixels, formats)
+    return TextPreprocessor.from_bundle(bundle)

@@ -1,4 +1,16 @@
-"""What the edge server can be told: limits, batching, the state dir and the admin token."""
+"""What the edge server can be told: limits, batching, the state dir and the admin token.
+
+Limits against hostile clients, and where each is enforced:
+- body size (`max_body_bytes`, `max_upload_bytes`): while the body streams in, before any parsing;
+- multipart parts (`max_items`): counted by their delimiters while the body streams in;
+- items, text length: while the JSON is parsed (streaming, on a worker thread), first offender refused;
+- image formats (`image_formats`) and decoded pixels (`max_image_pixels`, derived from the model's input size
+  unless given): read from the image header, before decoding;
+- parsing and decoding run on at most `parse_workers` threads, never on the event loop;
+- body read time (`body_timeout_s`): a body not complete in time is answered 408;
+- connections (`max_connections`: uvicorn's limit_concurrency, 503 above it), idle keep-alive
+  (`keep_alive_s`), request-head size (`max_header_bytes`: h11's incomplete-event limit).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from transflow_edge.bundle import MAX_BUNDLE_BYTES
+from transflow_edge.preprocess import IMAGE_FORMATS
 
 log = logging.getLogger("transflow.edge")
 
-
 TOKEN_ENV = "TRANSFLOW_EDGE_TOKEN"
 MIN_TOKEN_CHARS = 16
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -33,16 +46,28 @@ class Settings:
     intra_op_threads: int = 0  # 0: onnxruntime's choice (one per physical core)
     watch_dir: Path | None = None  # serve the newest bundle .tar.gz in this folder (air-gapped sites)
     watch_interval_s: float = 2.0  # how often the folder is looked at
+    max_image_pixels: int = 0  # decoded pixels per image; 0: derived from the model's input size
+    image_formats: tuple[str, ...] = IMAGE_FORMATS
+    parse_workers: int = 4  # threads that parse bodies and decode inputs (bounds their CPU and memory)
+    body_timeout_s: float = 30.0  # a request body must arrive within this time
+    max_connections: int = 256  # open connections + running requests; above it new requests get 503
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this time
+    max_header_bytes: int = 16 << 10  # request line + headers
+    tls_certfile: Path | None = None  # with tls_keyfile: serve HTTPS (the admin token travels over it)
+    tls_keyfile: Path | None = None
 
     def __post_init__(self) -> None:
         if self.token is not None and len(self.token) < MIN_TOKEN_CHARS:
             raise ValueError(f"the admin token must have at least {MIN_TOKEN_CHARS} characters")
-        if min(self.max_items, self.max_text_chars, self.max_body_bytes, self.max_batch, self.max_queue) < 1:
+        positive = (self.max_items, self.max_text_chars, self.max_body_bytes, self.max_batch, self.max_queue)
+        if min(*positive, self.parse_workers, self.max_connections, self.max_header_bytes) < 1:
             raise ValueError("limits and batch sizes must be positive")
         if self.max_wait_ms < 0 or self.intra_op_threads < 0:
             raise ValueError("max_wait_ms and intra_op_threads must not be negative")
-        if self.watch_interval_s <= 0:
-            raise ValueError("watch_interval_s must be positive")
+        if min(self.watch_interval_s, self.body_timeout_s, self.keep_alive_s) <= 0 or self.max_image_pixels < 0:
+            raise ValueError("watch_interval_s, body_timeout_s and keep_alive_s must be positive")
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            raise ValueError("give both tls_certfile and tls_keyfile, or neither")
 
 
 def load_token(token_file: Path | None = None, environ: dict[str, str] | None = None) -> str | None:

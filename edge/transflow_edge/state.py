@@ -76,8 +76,12 @@ class EdgeState:
             log.error("%s", exc)
             return None
 
+    def _load(self, bundle: Bundle) -> LoadedModel:
+        s = self.settings
+        return load_model(bundle, s.intra_op_threads, s.max_image_pixels, s.image_formats)
+
     def _load_stored(self, sha256: str) -> LoadedModel:
-        return load_model(self.store.load(sha256), self.settings.intra_op_threads)
+        return self._load(self.store.load(sha256))
 
     def _switch(self, model: LoadedModel, source: str, move_pointers: bool = True) -> None:
         """Persist the pointers first (a crash leaves a consistent state), then swap the one reference."""
@@ -115,7 +119,7 @@ class EdgeState:
                 current = self.model
                 if current is not None and current.bundle.sha256 == bundle.sha256:
                     return self.describe_change("unchanged", current)
-                model = load_model(bundle, self.settings.intra_op_threads)
+                model = self._load(bundle)
                 final = self.store.adopt(bundle.root, bundle.sha256)
                 model = replace(model, bundle=replace(bundle, root=final))
                 self._switch(model, kind)
