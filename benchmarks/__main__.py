@@ -53,6 +53,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "training": Benchmark("benchmarks.bench_training"),
     "pipeline": Benchmark("benchmarks.bench_pipeline"),
     "limits": Benchmark("benchmarks.bench_limits", takes_model=True),
+    "vision_loop": Benchmark("benchmarks.bench_vision_loop"),
 }
 
 

@@ -539,3 +539,21 @@ def test_a_registered_alias_is_downloaded_once_as_a_run_directory(
     assert found.named == f"tiny-model@champion (tiny-model v{version})"
     with pytest.raises(SystemExit, match="tiny-model@nope"):
         model.resolve_model("tiny-model@nope")
+
+
+def test_the_vision_loop_section_shows_its_loops_and_its_goal() -> None:
+    result = {
+        "arch": "vit-tiny-conv",
+        "batch": 64,
+        "steps": 12,
+        "warmup": 2,
+        "rounds": 2,
+        "plain": {"images_per_s": 1000.0, "median_round_images_per_s": 950.0},
+        "fit": {"images_per_s": 920.0, "median_round_images_per_s": 900.0},
+        "ratios": {"fit_vs_plain": 0.92},
+        "goal_fit_vs_plain": 0.9,
+        "meets_goal": True,
+    }
+    md = report.render_markdown(merged({"vision_loop": result}), "x.json")
+    assert "| vision_loop | fit vs plain loop, images/s | ≥ 0.9× | 0.920× | **met** |" in md
+    assert "## Vision training loop (small ViT, Fashion-MNIST)" in md and "| fit | 920.00 | 900.00 |" in md

@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from benchmarks.common import ROOT
-from benchmarks.report import edge, inference, limits, pipeline, probe, training
+from benchmarks.report import edge, inference, limits, pipeline, probe, training, vision_loop
 from benchmarks.report.markdown import fmt, generic, md_table, status
 
 MARKDOWN = ROOT / "BENCHMARKS.md"
@@ -26,6 +26,7 @@ SECTIONS: dict[str, ModuleType] = {
     "training": training,
     "pipeline": pipeline,
     "limits": limits,
+    "vision_loop": vision_loop,
 }
 
 
