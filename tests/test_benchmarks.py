@@ -442,7 +442,7 @@ def tiny_bundle(where: Path, name: str = "tweets") -> Path:
     where.mkdir(parents=True)
     (where / "model.onnx").write_bytes(b"not really onnx")
     (where / "labels.json").write_text('["negative", "neutral", "positive"]')
-    write_manifest(where, {"name": name, "version": "1", "default_model": "model.onnx"})
+    write_manifest(where, {"name": name, "version": "1", "modality": "text", "default_model": "model.onnx"})
     return where
 
 
