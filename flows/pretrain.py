@@ -101,7 +101,13 @@ def train_objective(
 
     if p.objective == "supervised":
         spec = StageSpec(
-            kind="full", epochs=p.epochs, lr=p.lr, weight_decay=p.weight_decay, warmup_ratio=p.warmup_ratio
+            kind="full",
+            epochs=p.epochs,
+            lr=p.lr,
+            weight_decay=p.weight_decay,
+            warmup_ratio=p.warmup_ratio,
+            schedule=p.schedule,
+            label_smoothing=p.label_smoothing,
         )
         val = data.batches(adapter, "validation", t.eval_batch_size)
         result = train_stage(

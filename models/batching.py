@@ -31,7 +31,10 @@ class Batches(Sequence[Batch]):
         if not 0 <= i < len(self):
             raise IndexError(i)
         idx = self.order[i * self.batch_size : (i + 1) * self.batch_size]
-        inputs = self.collate([self.examples[j] for j in idx])
+        # a tensor cache (models/image_cache.py) gathers a batch at once; a plain tensor (probe features) has an
+        # unrelated flat-index `take`, so it keeps the row-by-row path
+        take = None if isinstance(self.examples, torch.Tensor) else getattr(self.examples, "take", None)
+        inputs = self.collate(take(idx) if take else [self.examples[j] for j in idx])
         return inputs, torch.as_tensor([self.labels[j] for j in idx], dtype=torch.long)
 
     def __iter__(self) -> Iterator[Batch]:

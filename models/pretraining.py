@@ -28,10 +28,16 @@ def mim_model(encoder: nn.Module) -> nn.Module:
     """ViTForMaskedImageModeling around `encoder`'s weights: a mask token and a light pixel decoder."""
     from transformers import ViTForMaskedImageModeling
 
+    from models.small_vit import install_conv_stem
+
     config = encoder.config
     config.encoder_stride = config.patch_size
     mim = ViTForMaskedImageModeling(config)
-    mim.vit.load_state_dict(encoder.state_dict(), strict=False)
+    if getattr(config, "conv_stem", False):
+        install_conv_stem(mim.vit)
+    missing, unexpected = mim.vit.load_state_dict(encoder.state_dict(), strict=False)
+    if unexpected or [k for k in missing if "mask_token" not in k]:
+        raise ValueError(f"encoder does not fit its MIM model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return mim
 
 

@@ -11,7 +11,8 @@ lr * decay ** (n + 1 - layer_id), so the head learns fastest and the embeddings 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,47 @@ class StageSpec:
     lora_alpha: int = 16
     lora_dropout: float = 0.1
     patience: int | None = None
+    steps: int | None = None  # a budget of optimizer steps instead of epochs (small data sets)
+    eval_rounds: int = 10  # with `steps`: how many validations (and best-checkpoint chances) along the way
+    schedule: str = "linear"
+    label_smoothing: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+
+class Rounds(Sequence[Batch]):
+    """The batches of several epochs laid end to end and cut at `length`: one evaluation round of a step budget."""
+
+    def __init__(self, epochs: list[Sequence[Batch]], length: int):
+        self.epochs, self.length = epochs, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> Batch:  # type: ignore[override]
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        for epoch in self.epochs:
+            if i < len(epoch):
+                return epoch[i]
+            i -= len(epoch)
+        raise IndexError(i)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i in range(self.length):
+            yield self[i]
+
+
+def step_budget(
+    train: Callable[[int], Sequence[Batch]], steps: int, rounds: int, grad_accum: int = 1
+) -> tuple[Callable[[int], Sequence[Batch]], int]:
+    """(batches of round r, number of rounds) for a budget of `steps` optimizer steps: a tiny data set gets
+    many shuffled passes per round instead of hundreds of one-pass epochs each followed by a validation."""
+    per_epoch = len(train(0))
+    rounds = max(1, min(rounds, steps))
+    per_round = math.ceil(steps / rounds) * grad_accum
+    passes = math.ceil(per_round / per_epoch)
+    return (lambda r: Rounds([train(r * passes + k) for k in range(passes)], per_round)), rounds
 
 
 def frozen_features(
@@ -132,7 +174,20 @@ def train_stage(
     set_trainable(model, spec.kind, spec.top_k_blocks)
     target: nn.Module = HeadOnly(model) if spec.kind == "probe" else model
     groups = param_groups(target.named_parameters(), spec.lr, spec.weight_decay, spec.layer_decay, num_blocks(model))
-    plan = replace(plan, epochs=spec.epochs, warmup_ratio=spec.warmup_ratio, patience=spec.patience)
+    epochs = spec.epochs
+    if spec.steps:
+        train, epochs = step_budget(train, spec.steps, spec.eval_rounds, plan.grad_accum_steps)
+    plan = replace(
+        plan,
+        epochs=epochs,
+        warmup_ratio=spec.warmup_ratio,
+        patience=spec.patience,
+        schedule=spec.schedule,
+        label_smoothing=spec.label_smoothing,
+        mixup_alpha=0.0 if spec.kind == "probe" else spec.mixup_alpha,  # cached features are not images
+        cutmix_alpha=0.0 if spec.kind == "probe" else spec.cutmix_alpha,
+        num_classes=model.head.out_features,
+    )
     result = fit(target, groups, train, val, plan, checkpoint, on_epoch, title or spec.kind, resume_dir)
     if spec.kind == "lora":
         merge_lora(model)

@@ -10,6 +10,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import torch
 
+from models.augment import AugmentSpec, BatchAugment
+from models.image_cache import ImageCache, decode_rgb
+from models.small_vit import SCRATCH_VITS, load_vit_dir, scratch_vit
+
+__all__ = ["SCRATCH_VITS", "ImageCache", "VisionAdapter", "load_image", "scratch_vit"]
+
 if TYPE_CHECKING:
     from PIL import Image
 
@@ -89,11 +95,6 @@ def read_npy_split(root: Path, split: str) -> tuple[list[np.ndarray], list[str]]
 
 # --- the adapter: image transforms, ViT backbone, CLS pooling ----------------------------------
 
-SCRATCH_VITS = {
-    # name: (hidden, layers, heads, mlp, patch) — small enough to pretrain on a 2-core CPU
-    "vit-tiny": (128, 4, 4, 256, 7),
-    "vit-small": (192, 6, 3, 768, 4),
-}
 DEFAULT_MEAN, DEFAULT_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
 
@@ -102,28 +103,6 @@ class ClsPool(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return hidden[:, 0]
-
-
-def scratch_vit(name: str, image_size: int) -> Any:
-    """A randomly initialised ViT (`scratch:vit-tiny`): the from-scratch baseline and the pretraining start."""
-    from transformers import ViTConfig, ViTModel
-
-    if name not in SCRATCH_VITS:
-        raise ValueError(f"unknown scratch ViT {name!r}; choose from {sorted(SCRATCH_VITS)}")
-    hidden, layers, heads, mlp, patch = SCRATCH_VITS[name]
-    if image_size % patch:
-        patch = next(p for p in (8, 7, 4, 2, 1) if image_size % p == 0)
-    config = ViTConfig(
-        image_size=image_size,
-        patch_size=patch,
-        num_channels=3,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=mlp,
-        encoder_stride=patch,
-    )
-    return ViTModel(config, add_pooling_layer=False)
 
 
 def load_image(item: Any) -> Image.Image:
@@ -135,21 +114,31 @@ def load_image(item: Any) -> Image.Image:
 
 
 class VisionAdapter:
-    """Images stay as they are until a batch needs them: decoded, resized (PIL bilinear, exactly what the
-    edge does), augmented at train time (torchvision.transforms.v2), normalised."""
+    """Each split is decoded once into a uint8 tensor cache (PIL bilinear resize, exactly what the edge does);
+    a training batch is augmented as one tensor (models/augment.py), then normalised."""
 
     modality = "image"
     lora_targets: ClassVar[list[str]] = ["q_proj", "v_proj", "query", "value"]  # transformers 5 and 4 names
     input_names: ClassVar[list[str]] = ["pixel_values"]
     input_dtype = "float32"
 
-    def __init__(self, image_size: int = 224, hflip: bool = True, mean: tuple = DEFAULT_MEAN, std: tuple = DEFAULT_STD):
+    def __init__(
+        self,
+        image_size: int = 224,
+        hflip: bool = True,
+        mean: tuple = DEFAULT_MEAN,
+        std: tuple = DEFAULT_STD,
+        augment: str = "light",
+        random_erasing: float = 0.0,
+    ):
         self.image_size, self.hflip = image_size, hflip
         self.mean, self.std = tuple(mean), tuple(std)
+        self.augment, self.random_erasing = augment, random_erasing
+        self._augmenter: BatchAugment | None = None
 
     @classmethod
     def from_settings(cls, settings: dict[str, Any]) -> VisionAdapter:
-        keys = ("image_size", "hflip", "mean", "std")
+        keys = ("image_size", "hflip", "mean", "std", "augment", "random_erasing")
         return cls(**{k: settings[k] for k in keys if settings.get(k) is not None})
 
     def build(self, source: str, num_labels: int) -> TransferModel:
@@ -167,6 +156,10 @@ class VisionAdapter:
     def _encoder(self, source: str) -> Any:
         from models.backbone import ENCODER_DIR, MODEL_META, BackboneError
 
+        if source.startswith("scratch:resnet"):  # a random torchvision ResNet: the start of its pretraining
+            from models.torchvision_backbone import TorchvisionEncoder
+
+            return TorchvisionEncoder(source.removeprefix("scratch:"), self.image_size)
         if source.startswith("scratch:"):
             return scratch_vit(source.removeprefix("scratch:"), self.image_size)
         if source.startswith("torchvision:"):
@@ -189,13 +182,16 @@ class VisionAdapter:
         if path.is_dir() and not (path / "config.json").is_file():
             raise BackboneError(f"{path}: not a model directory (no config.json)")
         self._adopt_processor(path)
+        if path.is_dir():
+            return load_vit_dir(path)  # any HF ViT checkpoint dir; a conv-stem one rebuilds its stem first
         from transformers import AutoModel
 
         return AutoModel.from_pretrained(str(path), add_pooling_layer=False)
 
     def _adopt(self, pre: dict[str, Any]) -> None:
+        """The backbone's normalisation is part of its weights' contract; augmentation (flips, policy) is the
+        run's own choice: a backbone pretrained with flips on Fashion-MNIST must not flip the digits."""
         self.mean, self.std = tuple(pre.get("mean", self.mean)), tuple(pre.get("std", self.std))
-        self.hflip = pre.get("hflip", self.hflip)
 
     def _adopt_processor(self, path: Path) -> None:
         """Use the checkpoint's own normalisation when it ships a preprocessor_config.json."""
@@ -205,32 +201,46 @@ class VisionAdapter:
             self.mean = tuple(spec.get("image_mean", self.mean))
             self.std = tuple(spec.get("image_std", self.std))
 
-    def encode(self, items: list[Any]) -> list[Any]:
-        return list(items)
+    def encode(self, items: list[Any]) -> ImageCache:
+        """Decode and resize every image once (the cache batches index into)."""
+        return ImageCache.build(items, self.image_size)
+
+    def augmenter(self) -> BatchAugment:
+        if self._augmenter is None:
+            spec = AugmentSpec(policy=self.augment, hflip=self.hflip, erasing=self.random_erasing)
+            self._augmenter = BatchAugment(spec)
+        return self._augmenter
+
+    def uint8_batch(self, examples: Any) -> torch.Tensor:
+        """(B, 3, S, S) uint8 from a cache batch, cached images, or raw items (paths, arrays) decoded here."""
+        if isinstance(examples, torch.Tensor):
+            return examples
+        if all(isinstance(e, torch.Tensor) for e in examples):
+            return torch.stack(list(examples))
+        return torch.stack([torch.from_numpy(decode_rgb(e, self.image_size)).permute(2, 0, 1) for e in examples])
 
     def pixels(self, item: Any, train: bool) -> torch.Tensor:
-        from PIL import Image
-        from torchvision.transforms import v2
-
-        img = load_image(item)
-        if train:
-            ops = [v2.RandomResizedCrop(self.image_size, scale=(0.7, 1.0), antialias=True)]
-            ops += [v2.RandomHorizontalFlip()] if self.hflip else []
-            ops += [v2.ColorJitter(brightness=0.2, contrast=0.2)]
-            img = v2.Compose(ops)(img)
-        else:
-            img = img.resize((self.image_size, self.image_size), Image.BILINEAR)
-        x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (x - torch.tensor(self.mean).view(3, 1, 1)) / torch.tensor(self.std).view(3, 1, 1)
+        return self.collate([item], train)["pixel_values"][0]
 
     def length(self, example: Any) -> int:
         return 0  # every image becomes image_size × image_size: nothing to gain from sorting
 
-    def collate(self, examples: list[Any], train: bool = False) -> dict[str, torch.Tensor]:
-        return {"pixel_values": torch.stack([self.pixels(item, train) for item in examples])}
+    def collate(self, examples: Any, train: bool = False) -> dict[str, torch.Tensor]:
+        batch = self.uint8_batch(examples)
+        x = self.augmenter()(batch) if train else batch.float().div_(255)
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, 3, 1, 1)
+        return {"pixel_values": (x - mean) / std}
 
     def settings(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "hflip": self.hflip, "mean": list(self.mean), "std": list(self.std)}
+        return {
+            "image_size": self.image_size,
+            "hflip": self.hflip,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "augment": self.augment,
+            "random_erasing": self.random_erasing,
+        }
 
     def save_preprocessing(self, out: Path) -> dict[str, Any]:
         return {**self.settings(), "resize": "bilinear", "channels": 3, "pooling": "cls"}

@@ -139,3 +139,56 @@ def test_mlm_pretraining_registers_a_text_backbone(prepared_data: Path, tmp_path
     changed = [k for k, v in model.encoder.state_dict().items() if not torch.equal(v, reference[k])]
     assert changed, "MLM changed the encoder weights"
     assert adapter.tokenizer.get_vocab() == reference_adapter.tokenizer.get_vocab(), "the backbone ships its tokenizer"
+
+
+def test_image_cache_decodes_once_like_the_edge_and_memory_maps_large_splits(tmp_path: Path) -> None:
+    from models.image_cache import ImageCache
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.integers(0, 255, (16, 16), dtype=np.uint8), rng.integers(0, 255, (9, 13, 3), dtype=np.uint8)]
+    Image.fromarray(arrays[1]).save(tmp_path / "x.png")
+    items = [arrays[0], arrays[1], tmp_path / "x.png"]
+    adapter = VisionAdapter(image_size=16)
+    cache = adapter.encode(items)
+    assert isinstance(cache, ImageCache) and cache.data.dtype == torch.uint8 and cache.data.shape == (3, 3, 16, 16)
+    from_cache = adapter.collate(cache.take([0, 1, 2]))["pixel_values"]
+    torch.testing.assert_close(from_cache, adapter.collate(items)["pixel_values"])
+    mapped = ImageCache.build(items, 16, mmap_bytes=0)  # every split "large": an unlinked np.memmap file
+    assert torch.equal(mapped.data, cache.data) and mapped.mapped and not cache.mapped
+
+
+def test_batch_augmentation_draws_per_image_and_none_is_the_plain_resize() -> None:
+    from models.augment import AugmentSpec, BatchAugment
+
+    torch.manual_seed(0)
+    same = torch.randint(0, 255, (1, 3, 16, 16), dtype=torch.uint8).repeat(8, 1, 1, 1)
+    for policy in ("light", "trivial", "randaugment"):
+        out = BatchAugment(AugmentSpec(policy=policy, erasing=0.5))(same)
+        assert out.shape == (8, 3, 16, 16) and out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 1
+        assert len({tuple(x.flatten()[:64].tolist()) for x in out}) > 4, f"{policy}: images augmented independently"
+    torch.testing.assert_close(BatchAugment(AugmentSpec(policy="none"))(same), same.float() / 255)
+    with pytest.raises(ValueError, match="unknown augmentation policy"):
+        AugmentSpec(policy="heavy")
+
+
+def test_conv_stem_vit_saves_and_reloads_with_its_stem(tmp_path: Path) -> None:
+    adapter = VisionAdapter(image_size=16)
+    model = adapter.build("scratch:vit-mini-conv", 3).eval()
+    stem = model.encoder.embeddings.patch_embeddings.projection
+    assert type(stem).__name__ == "ConvStem" and model.encoder.embeddings.patch_embeddings.num_patches == 16
+    model.encoder.save_pretrained(tmp_path / "enc")
+    again = VisionAdapter(image_size=16).build(str(tmp_path / "enc"), 3).eval()
+    x = adapter.collate([np.full((16, 16), 7, np.uint8), np.eye(16, dtype=np.uint8) * 255])
+    torch.testing.assert_close(again.features(**x), model.features(**x))
+
+
+def test_a_step_budget_runs_exactly_that_many_steps_over_several_passes() -> None:
+    from models.batching import Batches, shuffled
+    from models.stages import step_budget
+
+    labels = list(range(10))
+    train = lambda e: Batches(list(range(10)), labels, 4, lambda r: {"x": torch.tensor(r)}, shuffled(10, e))  # noqa: E731
+    rounds_of, rounds = step_budget(train, steps=25, rounds=5)
+    assert rounds == 5 and [len(rounds_of(r)) for r in range(rounds)] == [5] * 5
+    seen = [int(v) for r in range(rounds) for inputs, _ in rounds_of(r) for v in inputs["x"]]
+    assert len(seen) >= 25 * 2 and set(seen) == set(range(10)), "passes over the whole set, reshuffled"
