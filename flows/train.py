@@ -133,6 +133,7 @@ def train_model(cfg: RunConfig, data_version: str, tracker: Tracker, run_id: str
     for index, stage in enumerate(cfg.stages):
         outcome = None if any(not s.get("resumed") for s in stages) else finished(workdir, stage)
         if outcome:
+            print(f"stage {stage.label}: finished by an earlier run (done.json): skipped, its weights restored")
             restore_stage(model, workdir, stage)
         else:
             child = tracker.start_run(
@@ -155,9 +156,13 @@ def train_model(cfg: RunConfig, data_version: str, tracker: Tracker, run_id: str
                 "seconds": round(outcome.seconds, 1),
                 "samples_per_second": round(outcome.samples_per_second, 1),
                 "resumed": outcome.resumed,
+                "resumed_from": None if outcome.resumed else outcome.resumed_from,
                 "test": {k: test[k] for k in ("accuracy", "macro_f1")},
             }
         )
+    resume = resume_report(stages)
+    if resume:
+        tracker.set_tags(run_id, resume)
     selected = select_stage(stages, metric, cfg.evaluation.select)
     if selected["name"] != stages[-1]["name"]:  # the model holds the last stage's weights: go back to the best
         restore_stage(model, workdir, cfg.stages[[s["name"] for s in stages].index(selected["name"])])
@@ -198,12 +203,26 @@ def train_model(cfg: RunConfig, data_version: str, tracker: Tracker, run_id: str
         "baselines": refs,
         "baseline_check": verdict,
         "selected_stage": selected,
+        "resume": resume,  # what a re-run took over (also the run's resume.* tags); {} for a fresh run
         "sizes": {s: len(dataset.split(s)) for s in ("train", "validation", "test")},
         "device": device,
     }
     (workdir / TRAINING_JSON).write_text(json.dumps(results, indent=2) + "\n")
     tracker.log_artifacts(run_id, workdir / TRAINING_JSON)
     return Trained(results, model, adapter, encoded, dataset, final["logits"])
+
+
+def resume_report(stages: list[dict[str, Any]]) -> dict[str, str]:
+    """What a re-run took over from an earlier one, as run tags: stages skipped as finished, and the stage that
+    continued from a checkpoint (epoch, batch, step). Empty for a run that started from scratch."""
+    skipped = [s["name"] for s in stages if s["resumed"]]
+    continued = [
+        f"{s['name']}@epoch={p['epoch']},batch={p['batch']},step={p['step']}"
+        for s in stages
+        if (p := s.get("resumed_from"))
+    ]
+    tags = {"resume.skipped": ",".join(skipped)} if skipped else {}
+    return tags | ({"resume.continued": ";".join(continued)} if continued else {})
 
 
 def select_stage(stages: list[dict[str, Any]], metric: str, rule: str) -> dict[str, str]:

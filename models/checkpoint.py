@@ -1,14 +1,16 @@
 """Complete, crash-safe training checkpoints: model, optimizer, scheduler, RNG states and loop position.
 
 Tensors go to safetensors, everything else to JSON (no pickle). A checkpoint is written into
-`step-….tmp/`, a `COMPLETE` marker is written last, then the directory is renamed: a process killed at
-any instant leaves either the previous checkpoint or the new one, never half of one that gets picked.
+`step-….tmp/`, every file is fsynced, a `COMPLETE` marker is written last (atomically, `models.durable`), the
+directory is fsynced and renamed, and its parent fsynced: a process killed (or a machine losing power) at any
+instant leaves either the previous checkpoint or the new one, never half of one that gets picked. A checkpoint
+that is damaged anyway (a disk error, a copy cut short) is reported and skipped for the one before it.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -16,11 +18,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.durable import fsync_dir, fsync_file, write_atomic
+
 COMPLETE = "COMPLETE"
 KEEP = 2
+FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json")
+log = logging.getLogger("transflow.checkpoint")
 
 
 def _optimizer_split(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -78,7 +85,8 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"could not write checkpoint {name} ({exc}); the previous checkpoint is intact") from exc
     shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    tmp.rename(final)
+    fsync_dir(root)  # the rename is durable: a power cut cannot bring back the .tmp name
     for old in complete_checkpoints(root)[:-KEEP]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -95,14 +103,9 @@ def _write_files(
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     state = {"position": position, "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
     (tmp / "state.json").write_text(json.dumps(state))
-    _fsync_dir_files(tmp)
-    (tmp / COMPLETE).write_text("ok\n")
-
-
-def _fsync_dir_files(folder: Path) -> None:
-    for path in folder.iterdir():
-        with path.open("rb") as fh:
-            os.fsync(fh.fileno())
+    for name in FILES:  # the data is on disk before the marker that vouches for it
+        fsync_file(tmp / name)
+    write_atomic(tmp / COMPLETE, "ok\n")  # fsyncs the file and the directory
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -114,8 +117,27 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
+    """The newest complete checkpoint that reads back; a damaged one is reported and the one before it used."""
+    for path in reversed(complete_checkpoints(root)):
+        problem = damage(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is damaged (%s): resuming from the one before it", path, problem)
+    return None
+
+
+def damage(path: Path) -> str | None:
+    """What is wrong with a checkpoint directory (cheap: JSON parse and safetensors headers), or None."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict) or not {"position", "optimizer", "scheduler", "rng"} <= state.keys():
+            return "state.json lacks position/optimizer/scheduler/rng"
+        for name in FILES[:3]:
+            with safe_open(str(path / name), framework="pt"):
+                pass
+    except (OSError, ValueError, SafetensorError) as exc:  # JSONDecodeError is a ValueError
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:

@@ -6,7 +6,6 @@ re-run of the same config on the same data skips finished stages and starts from
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -18,11 +17,14 @@ from typing import Any
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from safetensors import SafetensorError, safe_open
 
 from models import distributed
 from models.adapters import make_adapter
 from models.backbone import Adapter, TransferModel
 from models.batching import Batches, by_length, feature_batches, shuffled
+from models.checkpoint import latest_checkpoint
+from models.durable import fsync_file, read_json, write_json
 from models.stages import StageSpec, frozen_features, train_stage
 from models.trainer import FitPlan, load_state, save_state, seed_everything
 from runconfig import BackboneConfig, StageConfig, TrainingConfig
@@ -137,7 +139,8 @@ class StageOutcome:
     samples_per_second: float
     history: list[dict[str, float]]
     step_losses: list[tuple[int, float]]
-    resumed: bool = False
+    resumed: bool = False  # finished by an earlier run: skipped
+    resumed_from: dict[str, int] | None = None  # continued from this checkpoint position (epoch, batch, step)
 
 
 def stage_dir(workdir: Path, stage: StageConfig) -> Path:
@@ -145,10 +148,30 @@ def stage_dir(workdir: Path, stage: StageConfig) -> Path:
 
 
 def finished(workdir: Path, stage: StageConfig) -> StageOutcome | None:
-    marker = stage_dir(workdir, stage) / "done.json"
-    if not (marker.is_file() and (stage_dir(workdir, stage) / "final.safetensors").is_file()):
+    """The outcome of a stage finished by an earlier run, or None (not finished, or its marker or weights are
+    damaged: that is reported and the stage is trained again, never a crash)."""
+    out = stage_dir(workdir, stage)
+    marker, weights = out / "done.json", out / "final.safetensors"
+    if not (marker.is_file() and weights.is_file()):
         return None
-    return StageOutcome(**{**json.loads(marker.read_text()), "resumed": True})
+    recorded = read_json(marker, f"stage {stage.label} marker")
+    try:
+        with safe_open(str(weights), framework="pt"):
+            pass
+        outcome = StageOutcome(**{**recorded, "resumed": True})  # type: ignore[arg-type]
+    except (TypeError, OSError, SafetensorError) as exc:  # TypeError: None or a record with missing fields
+        print(f"stage {stage.label}: finished-stage record is damaged ({type(exc).__name__}): training it again")
+        return None
+    return outcome
+
+
+def resume_point(workdir: Path, stage: StageConfig) -> dict[str, int] | None:
+    """Where an interrupted stage will continue: the position of its newest readable checkpoint, or None."""
+    found = latest_checkpoint(stage_dir(workdir, stage) / "checkpoints")
+    state = read_json(found / "state.json", "checkpoint state") if found else None
+    if not state:
+        return None
+    return {k: int(state["position"][k]) for k in ("epoch", "batch", "step")}
 
 
 @task(**LIVE)
@@ -207,6 +230,10 @@ def run_stage(
         tracker.log_metrics(stage_run_id, [(k, v, step) for k, v in row.items() if k != "epoch"])
 
     out = stage_dir(workdir, stage)
+    resumed_from = resume_point(workdir, stage) if distributed.is_main() else None
+    if resumed_from:
+        print(f"stage {stage.label}: continuing from checkpoint epoch {resumed_from['epoch']}, "
+              f"batch {resumed_from['batch']}, step {resumed_from['step']}")  # fmt: skip
     result = train_stage(
         model,
         spec,
@@ -228,11 +255,13 @@ def run_stage(
         result.samples_per_second,
         result.history,
         result.step_losses,
+        resumed_from=resumed_from,
     )
     if distributed.is_main():
         tracker.log_metrics(stage_run_id, [("step_loss", loss, step) for step, loss in result.step_losses])
         save_state(model, out / "final.safetensors")
-        (out / "done.json").write_text(json.dumps(asdict(outcome), indent=2))
+        fsync_file(out / "final.safetensors")  # the weights are on disk before the marker that vouches for them
+        write_json(out / "done.json", asdict(outcome))  # atomic: a crash leaves no marker or a whole one
         shutil.rmtree(out / "checkpoints", ignore_errors=True)  # the stage is done: final.safetensors is what counts
     return outcome
 

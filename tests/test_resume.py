@@ -94,14 +94,19 @@ def test_crash_mid_epoch_then_resume_matches_an_uninterrupted_run(
 
 
 def test_half_written_checkpoints_are_never_picked(tmp_path: Path) -> None:
+    from models.checkpoint import write_checkpoint
+
     root = tmp_path / "checkpoints"
-    good = root / "step-000000004-epoch-0000-batch-000004"
-    good.mkdir(parents=True)
-    (good / COMPLETE).write_text("ok")
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer)
+    good = write_checkpoint(root, model, optimizer, scheduler, {"step": 4, "epoch": 0, "batch": 4})
     (root / "step-000000006-epoch-0000-batch-000006.tmp").mkdir()  # killed while writing
     (root / "step-000000008-epoch-0001-batch-000000").mkdir()  # renamed but no marker: never happens, still refused
-    assert complete_checkpoints(root) == [good]
-    assert latest_checkpoint(root) == good
+    (root / "step-000000009-epoch-0001-batch-000001").mkdir()
+    (root / "step-000000009-epoch-0001-batch-000001" / COMPLETE).write_text("ok")  # a marker over nothing: damaged
+    assert complete_checkpoints(root)[0] == good
+    assert latest_checkpoint(root) == good  # the damaged one after it is reported and passed over
 
 
 WORKER = """
