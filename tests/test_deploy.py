@@ -222,7 +222,7 @@ def test_directory_target_feeds_a_watching_server(edge, registry: dict, tmp_path
 
     (drop / ".half-copied.tar.gz").write_bytes(b"\x1f\x8b")  # temp names are not looked at
     (drop / "broken.tar.gz").write_bytes(b"not a bundle")  # the newest, but refused: v2 keeps serving
-    rejected = 'transflow_edge_bundle_loads_total{source="watch",result="rejected"} 1'
+    rejected = 'transflow_edge_bundle_loads_total{result="rejected",source="watch"} 1.0'
     deadline = time.monotonic() + 20
     while rejected not in httpx.get(f"{watcher}/metrics").text and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -233,7 +233,7 @@ def test_directory_target_feeds_a_watching_server(edge, registry: dict, tmp_path
 @pytest.mark.parametrize(
     ("model", "targets", "env", "error"),
     [
-        (f"{NAME}@unexported", ["dir://DROP"], {}, rf"{NAME} v3 has no bundle artifact .*transflow export {NAME}/3"),
+        (f"{NAME}@unexported", ["dir://DROP"], {}, rf"{NAME} v3 has no bundle artifact.*transflow export {NAME}/3"),
         (f"{NAME}@mislabelled", ["dir://DROP"], {}, "does not match the version's bundle_sha256 tag"),
         (f"{NAME}@nosuchalias", ["dir://DROP"], {}, "not found in the registry"),
         (f"{NAME}@challenger", [], {}, "no targets"),

@@ -384,8 +384,7 @@ def test_upload_swaps_and_rollback_toggles(serve, bundles: dict[str, Path], tmp_
     assert loaded["previous_bundle_sha256"] == sha1 and loaded["golden"]["checked"] == len(SENTENCES)
     assert client.post("/v1/predict", json={"inputs": ["hi"]}).json()["model"]["version"] == "2"
     assert client.get("/v1/model").json()["previous_bundle_sha256"] == sha1
-    assert (tmp_path / "state" / "current").read_text().strip() == sha2
-    assert (tmp_path / "state" / "previous").read_text().strip() == sha1
+    assert json.loads((tmp_path / "state" / "state.json").read_text()) == {"current": sha2, "previous": sha1}
     assert sorted(p.name for p in (tmp_path / "state" / "bundles").iterdir()) == sorted([sha1, sha2])
 
     again = client.post(
@@ -619,7 +618,7 @@ def test_restart_recovers_from_state_dir_in_a_new_process(bundles: dict[str, Pat
         proc.terminate()
         proc.wait(timeout=20)
     assert proc.returncode in (0, -signal.SIGTERM), log.read_text()  # uvicorn re-raises SIGTERM after shutdown
-    assert (state / "current").read_text().strip() == sha1
+    assert json.loads((state / "state.json").read_text())["current"] == sha1
 
 
 def test_corrupted_state_is_not_served_and_state_dir_is_locked(serve, bundles: dict[str, Path], tmp_path: Path) -> None:

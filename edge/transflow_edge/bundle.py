@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import tarfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -32,6 +33,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MAX_BUNDLE_BYTES = 2 << 30  # 2 GiB unpacked
 MAX_BUNDLE_FILES = 64
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_HEADER_BYTES = 64 << 10  # a pax or GNU long-name header: names and a few keys, never more
 
 
 class BundleError(ValueError):
@@ -85,20 +88,62 @@ class Bundle:
         return self.path(self.manifest["default_model"])
 
 
+def check_manifest(manifest: Any) -> None:
+    """The manifest's shape, before anything trusts it: a BundleError naming the first malformed field."""
+
+    def bad(field: str, what: str) -> BundleError:
+        return BundleError(f"{MANIFEST}: {field} {what}")
+
+    if not isinstance(manifest, dict):
+        raise bad("the top level", "must be a JSON object")
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise bad("format/format_version", f"must be {FORMAT!r} / {FORMAT_VERSION}")
+    for key in ("name", "version"):
+        value = manifest.get(key, "")
+        if isinstance(value, bool) or not isinstance(value, str | int) or len(str(value)) > 200:
+            raise bad(key, "must be a string (at most 200 characters)")
+    if manifest.get("modality") not in ("text", "image"):
+        raise bad("modality", "must be 'text' or 'image'")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise bad("files", "must be a non-empty object of file name → {sha256, size}")
+    if len(files) > MAX_BUNDLE_FILES:
+        raise bad("files", f"lists more than {MAX_BUNDLE_FILES} files")
+    for name, entry in files.items():
+        where = f"files[{name[:80]!r}]"
+        if not isinstance(entry, dict):
+            raise bad(where, "must be an object {sha256, size}")
+        digest, size = entry.get("sha256"), entry.get("size")
+        if not isinstance(digest, str) or len(digest) != 64 or not set(digest) <= set("0123456789abcdef"):
+            raise bad(f"{where}.sha256", "must be 64 lowercase hex digits")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise bad(f"{where}.size", "must be a non-negative integer")
+    if not isinstance(manifest.get("default_model"), str) or manifest["default_model"] not in files:
+        raise bad("default_model", f"{manifest.get('default_model')!r:.80} is not a listed file")
+    for key in ("inputs", "outputs"):
+        value = manifest.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+            raise bad(key, "must be a list of objects")
+    for key in ("lineage", "metrics", "versions"):
+        if not isinstance(manifest.get(key, {}), dict):
+            raise bad(key, "must be an object")
+
+
 def verify_bundle(bundle_dir: Path) -> Bundle:
     """Check the manifest against the directory: every listed file present with its hash and size,
     no extra files, no links, no path outside the bundle. Raises BundleError naming the file."""
     manifest_path = bundle_dir / MANIFEST
     if not manifest_path.is_file() or manifest_path.is_symlink():
         raise BundleError(f"{manifest_path}: missing")
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{MANIFEST}: larger than {MAX_MANIFEST_BYTES} bytes")
     raw = manifest_path.read_bytes()
     try:
         manifest = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{manifest_path}: not valid JSON ({exc.msg})") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{manifest_path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
-    listed = manifest.get("files") or {}
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(f"{manifest_path}: not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    check_manifest(manifest)
+    listed = manifest["files"]
     for name, entry in listed.items():
         path = bundle_dir / _safe_relpath(name)
         if path.is_symlink() or (path.exists() and not path.is_file()):
@@ -113,8 +158,6 @@ def verify_bundle(bundle_dir: Path) -> Bundle:
             raise BundleError(f"{rel}: links are not allowed in a bundle")
         if path.is_file() and rel != MANIFEST and rel not in listed:
             raise BundleError(f"{rel}: extra file not in the manifest")
-    if manifest.get("default_model") not in listed:
-        raise BundleError(f"{MANIFEST}: default_model {manifest.get('default_model')!r} is not listed")
     return Bundle(bundle_dir, manifest, hashlib.sha256(raw).hexdigest())
 
 
@@ -139,27 +182,41 @@ def pack(bundle_dir: Path, out: Path) -> Path:
     return out
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a GNU long-name or pax header's whole payload into memory before any check of ours:
+    refuse one over MAX_HEADER_BYTES first, and sparse files outright (a bundle has none)."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        special = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE, b"X")
+        if self.type in special and self.size > MAX_HEADER_BYTES:
+            raise BundleError(f"{self.name[:80]}: tar extended header of {self.size} bytes (limit {MAX_HEADER_BYTES})")
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise BundleError(f"{self.name[:80]}: sparse files are not allowed in a bundle")
+        return super()._proc_member(tarfile_)  # type: ignore[misc]
+
+
 def safe_extract(
     archive: Path, dest: Path, max_bytes: int = MAX_BUNDLE_BYTES, max_files: int = MAX_BUNDLE_FILES
 ) -> Path:
-    """Extract a bundle archive into an empty `dest`: regular files only, no path outside `dest`,
-    size and count limits checked before anything is written; tarfile's 'data' filter as a second guard."""
+    """Extract a bundle archive into an empty `dest`, streaming: each member's header is checked (name, type,
+    count, size, running total) before its data is read, so a hostile archive (200k members, a huge extended
+    header, a member that unpacks to gigabytes) is refused after reading little of it, in bounded memory.
+    Regular files only, no path outside `dest`; tarfile's 'data' filter as a second guard."""
     try:
-        with tarfile.open(archive, mode="r:gz") as tar:
-            members = tar.getmembers()
-            if len(members) > max_files:
-                raise BundleError(f"{archive.name}: {len(members)} entries, more than {max_files}")
+        with tarfile.open(archive, mode="r|gz", tarinfo=_BoundedTarInfo) as tar:
+            dest.mkdir(parents=True, exist_ok=False)
             total = 0
-            for member in members:
+            for count, member in enumerate(tar, start=1):
+                if count > max_files:
+                    raise BundleError(f"{archive.name}: more than {max_files} entries")
                 _safe_relpath(member.name)
                 if not (member.isfile() or member.isdir()):
                     raise BundleError(f"{member.name}: only regular files are allowed (link or device)")
                 total += member.size
                 if total > max_bytes:
                     raise BundleError(f"{archive.name}: unpacks to more than {max_bytes} bytes")
-            dest.mkdir(parents=True, exist_ok=False)
-            tar.extractall(dest, filter="data")
-    except (tarfile.TarError, EOFError, gzip.BadGzipFile, OSError) as exc:
+                tar.extract(member, dest, filter="data")
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
         if isinstance(exc, FileExistsError):
             raise
         raise BundleError(f"{archive.name}: not a readable tar.gz ({exc})") from None

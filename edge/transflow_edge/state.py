@@ -28,7 +28,9 @@ class EdgeState:
         self.settings = settings
         self.watcher: DirectoryWatcher | None = None
         if settings.watch_dir is not None:  # first: a missing folder must fail before the state dir is locked
-            self.watcher = DirectoryWatcher(settings.watch_dir, settings.watch_interval_s, self.install)
+            self.watcher = DirectoryWatcher(
+                settings.watch_dir, settings.watch_interval_s, self.install, lambda: self.rollback("watch")
+            )
         self._temp_root: Path | None = None
         root = settings.state_dir
         if root is None:
@@ -41,7 +43,8 @@ class EdgeState:
         )
         self.model: LoadedModel | None = None
         self.error: str | None = "no bundle loaded yet"
-        self._admin = threading.Lock()
+        self._admin = threading.Lock()  # the swap and the state file: held for milliseconds
+        self._checking = threading.Lock()  # one bundle verified and loaded at a time; rollbacks do not wait for it
 
     # -- start and stop
 
@@ -51,7 +54,7 @@ class EdgeState:
             self.install(self.settings.bundle, "startup")
         else:
             try:
-                current = self.store.read_pointer("current")
+                current = self.store.read_state()["current"]
                 if current is not None:
                     self._switch(self._load_stored(current), source="startup", move_pointers=False)
             except BundleError as exc:
@@ -71,7 +74,7 @@ class EdgeState:
 
     def _pointer(self, name: str) -> str | None:
         try:
-            return self.store.read_pointer(name)
+            return self.store.read_state()[name]
         except BundleError as exc:
             log.error("%s", exc)
             return None
@@ -84,17 +87,18 @@ class EdgeState:
         return self._load(self.store.load(sha256))
 
     def _switch(self, model: LoadedModel, source: str, move_pointers: bool = True) -> None:
-        """Persist the pointers first (a crash leaves a consistent state), then swap the one reference."""
+        """Persist the state first, in one write (a crash leaves the old state or the new one), then swap the
+        one reference. Call with `_admin` held."""
         new = model.bundle.sha256
+        previous = self._pointer("previous")
         if move_pointers:
             old = self._pointer("current")
-            if old is not None and old != new:
-                self.store.write_pointer("previous", old)
-            self.store.write_pointer("current", new)
+            previous = old if old is not None and old != new else previous
+            self.store.write_state(new, previous)
         self.model = model  # the atomic swap: requests already prepared keep their reference to the old model
         self.error = None
         self.metrics.observe_load(source, "loaded")
-        self.store.prune({new, self._pointer("previous") or ""})
+        self.store.prune({new, previous})
         log.info("serving %s version %s (bundle %s, from %s)", model.name, model.version, new[:12], source)
 
     def _stage(self, source: Path, staged: Path) -> Bundle:
@@ -114,15 +118,16 @@ class EdgeState:
         own_work = work is None
         work = work if work is not None else self.store.new_staging()
         try:
-            with self._admin:
+            with self._checking:  # the slow part, outside `_admin`: a rollback meanwhile is not held up
                 bundle = self._stage(source, work / "bundle")
                 current = self.model
                 if current is not None and current.bundle.sha256 == bundle.sha256:
                     return self.describe_change("unchanged", current)
                 model = self._load(bundle)
-                final = self.store.adopt(bundle.root, bundle.sha256)
-                model = replace(model, bundle=replace(bundle, root=final))
-                self._switch(model, kind)
+                with self._admin:
+                    final = self.store.adopt(bundle.root, bundle.sha256)
+                    model = replace(model, bundle=replace(bundle, root=final))
+                    self._switch(model, kind)
                 return self.describe_change("loaded", model)
         except BundleError:
             self.metrics.observe_load(kind, "rejected")
@@ -131,7 +136,7 @@ class EdgeState:
             if own_work:
                 shutil.rmtree(work, ignore_errors=True)
 
-    def rollback(self) -> dict[str, Any]:
+    def rollback(self, source: str = "rollback") -> dict[str, Any]:
         """Serve the previous bundle again (verified and golden-checked again); rolling back twice rolls forward."""
         with self._admin:
             previous = self._pointer("previous")
@@ -140,9 +145,9 @@ class EdgeState:
             try:
                 model = self._load_stored(previous)
             except BundleError:
-                self.metrics.observe_load("rollback", "rejected")
+                self.metrics.observe_load(source, "rejected")
                 raise
-            self._switch(model, "rollback")
+            self._switch(model, source)
             return self.describe_change("rolled_back", model)
 
     def describe_change(self, status: str, model: LoadedModel) -> dict[str, Any]:

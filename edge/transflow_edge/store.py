@@ -3,19 +3,33 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 from transflow_edge.bundle import Bundle, BundleError, verify_bundle
 
 log = logging.getLogger("transflow.edge")
 
 
+STATE = "state.json"
+
+
+def _sha_or_none(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise BundleError(f"{where}: not a bundle sha256")
+    return value
+
+
 class BundleStore:
-    """`bundles/<sha256>/` plus `current` and `previous` pointer files, each written atomically."""
+    """`bundles/<sha256>/` plus `state.json` ({"current", "previous"}), which changes in one atomic write:
+    a crash leaves the old state or the new one, never a mix of the two."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -23,7 +37,7 @@ class BundleStore:
         self.staging = root / "staging"
         root.mkdir(parents=True, exist_ok=True)
         self._lock_file = (root / ".lock").open("w")
-        try:  # one server per state dir: two would race on the pointers
+        try:  # one server per state dir: two would race on the state
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_file.close()
@@ -35,27 +49,38 @@ class BundleStore:
     def close(self) -> None:
         self._lock_file.close()
 
-    def read_pointer(self, name: str) -> str | None:
-        path = self.root / name
-        if not path.is_file():
-            return None
-        value = path.read_text().strip()
-        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-            raise BundleError(f"{path}: not a bundle sha256")
-        return value
+    def read_state(self) -> dict[str, str | None]:
+        """{"current": sha256 | None, "previous": sha256 | None}; BundleError when the file is damaged."""
+        path = self.root / STATE
+        if not path.is_file():  # a state dir of an older server: one pointer file each
+            return {name: self._legacy_pointer(name) for name in ("current", "previous")}
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise BundleError(f"{path}: unreadable ({exc})") from None
+        if not isinstance(state, dict):
+            raise BundleError(f"{path}: not a JSON object")
+        return {name: _sha_or_none(state.get(name), f"{path} {name}") for name in ("current", "previous")}
 
-    def write_pointer(self, name: str, value: str) -> None:
-        tmp = self.root / f".{name}.tmp"
+    def _legacy_pointer(self, name: str) -> str | None:
+        path = self.root / name
+        return _sha_or_none(path.read_text().strip(), str(path)) if path.is_file() else None
+
+    def write_state(self, current: str | None, previous: str | None) -> None:
+        """Temp file, fsync, rename over state.json, fsync the directory: the one commit point of a swap."""
+        tmp = self.root / f".{STATE}.tmp"
         with tmp.open("w") as fh:
-            fh.write(value + "\n")
+            json.dump({"current": current, "previous": previous}, fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, self.root / name)
+        os.replace(tmp, self.root / STATE)
         dir_fd = os.open(self.root, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        for name in ("current", "previous"):  # the older layout, now superseded
+            (self.root / name).unlink(missing_ok=True)
 
     def new_staging(self) -> Path:
         path = self.staging / uuid.uuid4().hex
@@ -63,10 +88,19 @@ class BundleStore:
         return path
 
     def adopt(self, staged: Path, sha256: str) -> Path:
-        """Move a verified staged bundle to `bundles/<sha256>/` (same filesystem: one rename)."""
+        """Move a verified staged bundle to `bundles/<sha256>/` (same filesystem: one rename). An intact copy
+        already there (the previous bundle uploaded again) is kept, so the state never names a missing one."""
         final = self.bundles / sha256
         if final.exists():
-            shutil.rmtree(final)
+            try:
+                self.load(sha256)
+            except BundleError:  # damaged: replace it, moving the old copy aside first
+                trash = self.staging / f"damaged-{uuid.uuid4().hex}"
+                final.rename(trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                shutil.rmtree(staged, ignore_errors=True)
+                return final
         staged.rename(final)
         return final
 
@@ -77,7 +111,7 @@ class BundleStore:
             raise BundleError(f"manifest.json: changed on disk (sha256 {bundle.sha256}, stored as {sha256})")
         return bundle
 
-    def prune(self, keep: set[str]) -> None:
+    def prune(self, keep: set[str | None]) -> None:
         """Only the current and previous bundles stay: edge disks are small."""
         for path in self.bundles.iterdir():
             if path.name not in keep:

@@ -19,14 +19,23 @@ class DirectoryWatcher:
 
     Writers rename complete archives into place (dot-prefixed temp names are skipped), so a half-copied file
     is never seen. Each archive is tried once: a rejected one is logged and the running model keeps serving.
-    Deleting the newest archive makes the one before it the newest, which is how a deploy rolls a site back.
+    Deleting the newest archive makes the one before it the newest, which is how a deploy rolls a site back;
+    when the deleted archive was the one served and no archive is left, the server rolls back to the bundle it
+    served before (`rollback`), so deleting always undoes the drop.
     """
 
-    def __init__(self, folder: Path, interval_s: float, install: Callable[[Path, str], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        interval_s: float,
+        install: Callable[[Path, str], dict[str, Any]],
+        rollback: Callable[[], dict[str, Any]],
+    ) -> None:
         if not folder.is_dir():
             raise ValueError(f"{folder}: the watched folder does not exist")
-        self.folder, self.interval_s, self.install = folder, interval_s, install
+        self.folder, self.interval_s, self.install, self.rollback = folder, interval_s, install, rollback
         self._seen: tuple[str, int, int] | None = None
+        self._served: Path | None = None  # the archive whose bundle this watcher installed last
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -49,7 +58,11 @@ class DirectoryWatcher:
         except OSError as exc:
             log.error("cannot list the watched folder %s: %s", self.folder, exc)
             return
-        if newest is None or newest[1] == self._seen:
+        if newest is None:
+            if self._served is not None and not self._served.exists():
+                self._undo_deleted(self._served)
+            return
+        if newest[1] == self._seen:
             return
         path, self._seen = newest
         try:
@@ -59,7 +72,19 @@ class DirectoryWatcher:
         except Exception:  # an unreadable file must not stop the watching thread
             log.exception("%s could not be installed", path.name)
         else:
+            self._served = path
             log.info("%s: %s (bundle %s)", path.name, result["status"], result["bundle_sha256"][:12])
+
+    def _undo_deleted(self, path: Path) -> None:
+        self._served, self._seen = None, None
+        try:
+            result = self.rollback()
+        except (LookupError, BundleError) as exc:
+            log.error("%s was deleted and no archive is left, but rolling back failed: %s", path.name, exc)
+        except Exception:
+            log.exception("%s was deleted; rolling back failed", path.name)
+        else:
+            log.info("%s deleted, none left: rolled back to bundle %s", path.name, result["bundle_sha256"][:12])
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edge-watcher", daemon=True)
