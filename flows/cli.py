@@ -16,6 +16,7 @@ from rich.table import Table
 from flows.cli_deploy import deploy_cmd
 from flows.cli_edge import edge_app
 from flows.cli_registry import lineage_cmd, promote_cmd, rollback_cmd
+from flows.cli_report import report_cmd
 from flows.cli_schedule import schedule_app
 from flows.prefect_env import apply_prefect_defaults
 from runconfig import ConfigError, DataConfig, load_config, load_pretrain_config
@@ -33,6 +34,7 @@ app.command("deploy")(deploy_cmd)
 app.command("promote")(promote_cmd)
 app.command("rollback")(rollback_cmd)
 app.command("lineage")(lineage_cmd)
+app.command("report")(report_cmd)
 app.add_typer(schedule_app, name="schedule")
 
 CONFIG_OPT = typer.Option(..., "--config", "-c", help="YAML run config (see configs/).")

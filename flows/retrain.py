@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.promote import auto_promote
+from flows.report import report_after_export
 from flows.train import MODEL_ARTIFACT, TRAINING_JSON, Trained, train_model, verify_data, workdir_of
 from models.adapters import load_model_dir
 from runconfig import RunConfig, load_config
@@ -175,7 +176,13 @@ def register_export_promote(
                 cfg.export,
                 workdir / "export",
                 trained.test_logits,
+                calibration_items=trained.dataset.validation.items,
             )
+            if cfg.export.report:  # before the gate: the decision reads and links it
+                exported["report"] = report_after_export(
+                    tracker, cfg.registry.model_name, version, workdir / "export" / "report",
+                    (trained.model, trained.adapter), workdir / "report-work",
+                )  # fmt: skip
     if version and cfg.registry.auto_promote:
         promotion = auto_promote(tracker, cfg.registry.model_name, version, cfg.training.device, workdir)
     return {

@@ -133,6 +133,12 @@ class RegistryConfig(_Strict):
     require_beats_baselines: bool = Field(
         default=True, description="The gate refuses a version that lost to a baseline of its own run."
     )
+    require_significance: bool = Field(
+        default=False,
+        description="The gate refuses a challenger whose improvement is not significant in its candidate report "
+        "(paired bootstrap CI excludes 0 and McNemar rejects at `significance_level`).",
+    )
+    significance_level: float = Field(default=0.05, gt=0, lt=0.5, description="Test level; the CI is at 1 − level.")
 
 
 class ExportConfig(_Strict):
@@ -140,6 +146,15 @@ class ExportConfig(_Strict):
     opset: int = Field(default=18, ge=13)
     int8: bool = True
     int8_budget_pt: float = Field(default=0.5, ge=0, description="Max macro-F1 drop (points) to ship int8.")
+    int8_class_budget_pt: float | None = Field(
+        default=2.0, ge=0, description="Max F1 drop (points) of any one class to ship an int8 rung; null: unchecked."
+    )
+    ladder: list[Literal["dynamic", "static", "static_mixed"]] = Field(
+        default=["dynamic", "static", "static_mixed"],
+        description="int8 rungs tried in order (fastest first); the first within both budgets ships, else fp32.",
+    )
+    calibration_size: int = Field(default=128, ge=8, le=4096, description="Static int8: validation examples.")
+    report: bool = Field(default=True, description="Build the candidate report after the export.")
 
 
 class DeployConfig(_Strict):

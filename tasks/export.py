@@ -10,6 +10,7 @@ import json
 import shutil
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from models.backbone import Adapter, OnnxSignature, TransferModel
 from models.batching import Batches
 from models.trainer import predict, progress, scores
 from runconfig import ExportConfig
+from tasks.export_ladder import RUNGS, calibration_slice, feeds_hash, run_ladder
 from tasks.finetune import LIVE
 from tasks.registered_version import BUNDLE_ARTIFACT
 from tasks.tracking import Tracker
@@ -51,6 +53,7 @@ class ExportReport:
     int8: dict[str, float]
     int8_delta_pt: float
     seconds: float
+    ladder: dict[str, Any] | None = None  # every int8 rung tried (tasks.export_ladder), as in the manifest
 
 
 def export_onnx(
@@ -125,6 +128,18 @@ def optimise(src: Path, dst: Path, model: TransferModel) -> Path:
     return dst
 
 
+def calibration_feeds(adapter: Adapter, items: list[Any], size: int, seed: int = 0, batch: int = 16) -> dict[str, Any]:
+    """A seeded slice of the validation split, encoded as the model's inputs in small batches; its sha256 (over
+    the tensors) goes into the bundle's lineage so a static int8 model can be traced to the data it saw."""
+    if not items:
+        return {"feeds": [], "size": 0, "seed": seed, "sha256": None}
+    picked = calibration_slice(len(items), size, seed)
+    batches = Batches(adapter.encode([items[i] for i in picked]), [0] * len(picked), batch,
+                      lambda rows: adapter.collate(rows, False))  # fmt: skip
+    feeds = [{k: v.numpy() for k, v in inputs.items()} for inputs, _ in batches]
+    return {"feeds": feeds, "size": len(picked), "seed": seed, "sha256": feeds_hash(feeds)}
+
+
 def quantise_int8(src: Path, dst: Path) -> Path:
     """Dynamic int8 quantisation of weights (per channel), activations quantised at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -146,8 +161,13 @@ def build_bundle(
     int8: bool = True,
     int8_budget_pt: float = 0.5,
     torch_logits: np.ndarray | None = None,
+    int8_class_budget_pt: float | None = None,
+    ladder: Sequence[str] = RUNGS,
+    calibration_items: list[Any] | None = None,
+    calibration_size: int = 128,
 ) -> ExportReport:
-    """Export, check parity on `test_batches`, optimise, quantise, and write + verify the bundle."""
+    """Export, check parity on `test_batches`, optimise, walk the int8 ladder (`tasks.export_ladder`; static rungs
+    calibrate on a seeded slice of `calibration_items`, the validation split), and write + verify the bundle."""
     started = time.perf_counter()
     shutil.rmtree(out_dir, ignore_errors=True)
     bundle, work = out_dir / "bundle", out_dir / "work"
@@ -169,19 +189,25 @@ def build_bundle(
             f"fp32 parity failed: max |Δlogit| {diff:.2e} (≤ {FP32_ATOL}), argmax agreement {agreement:.4f}"
         )
     fp32_scores = scores(labels, fp32_logits)
-    int8_scores, delta, shipped, reason = {}, 0.0, False, "int8 disabled in config"
+    int8_scores, delta, shipped, reason, walked = {}, 0.0, False, "int8 disabled in config", None
     if int8:
-        q_path = quantise_int8(fp32_path, work / "model.int8.onnx")
-        int8_scores = scores(labels, onnx_logits(session(q_path), test_batches, "onnx int8 accuracy"))
-        delta = 100 * (fp32_scores["macro_f1"] - int8_scores["macro_f1"])
-        shipped = delta <= int8_budget_pt
-        reason = (
-            f"int8 macro-F1 drop {delta:.2f} pt within budget {int8_budget_pt} pt"
-            if shipped
-            else f"int8 macro-F1 drop {delta:.2f} pt exceeds budget {int8_budget_pt} pt: fp32 ships as default"
-        )
+        calibration = calibration_feeds(adapter, calibration_items or [], calibration_size)
+        walked = run_ladder(
+            fp32_path, raw, work, [{k: v.numpy() for k, v in x.items()} for x, _ in test_batches], labels,
+            fp32_logits.argmax(-1), classes, calibration["feeds"], int8_budget_pt, int8_class_budget_pt, ladder,
+        )  # fmt: skip
+        walked["calibration"] = {k: v for k, v in calibration.items() if k != "feeds"}
+        tried = [r for r in walked["rungs"] if r["rung"] != "fp32" and r["macro_f1"] is not None]
+        chosen = next((r for r in tried if r["shipped"]), tried[0] if tried else None)
+        if chosen:
+            int8_scores = {"accuracy": chosen["accuracy"], "macro_f1": chosen["macro_f1"]}
+            delta = chosen["macro_drop_pt"]
+        shipped, reason = walked["file"] is not None, walked["reason"]
         if shipped:
-            shutil.copy2(q_path, bundle / "model.int8.onnx")
+            shutil.copy2(walked["file"], bundle / "model.int8.onnx")
+        for r in walked["rungs"]:
+            r.pop("file", None)  # work paths: gone with the work dir
+        walked.pop("file")
     default = "model.int8.onnx" if shipped else "model.onnx"
     preprocessing = adapter.export_preprocessing(bundle)
     (bundle / "preprocessing.json").write_text(json.dumps(preprocessing, indent=2) + "\n")
@@ -199,7 +225,8 @@ def build_bundle(
         ],
         "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", len(classes)]}],
         "parity": {"fp32_max_abs_diff": diff, "argmax_agreement": agreement, "atol": FP32_ATOL, "passed": parity},
-        "int8": {"shipped": shipped, "reason": reason},
+        "int8": {"shipped": shipped, "reason": reason, "rung": walked["shipped"] if walked else "fp32"},
+        "ladder": walked,  # every rung tried, the calibration slice's hash: intrinsic to this bundle
     }
     write_manifest(bundle, manifest_meta)
     verified = verify_bundle(bundle)
@@ -219,6 +246,7 @@ def build_bundle(
         int8_scores,
         round(delta, 3),
         round(time.perf_counter() - started, 1),
+        walked,
     )
 
 
@@ -234,12 +262,14 @@ def export_and_log(
     export: ExportConfig,
     out_dir: Path,
     torch_logits: np.ndarray | None = None,
+    calibration_items: list[Any] | None = None,
 ) -> dict[str, Any]:
     """The one export step of a registered version (`meta`: name, version, lineage): build and verify the bundle,
     log it where promotion and deploy look for it (`BUNDLE_ARTIFACT`) beside the ONNX flavour, tag the version."""
     report = build_bundle(
         model, adapter, test_batches, raw_test_items, classes, meta, out_dir,
-        export.opset, export.int8, export.int8_budget_pt, torch_logits,
+        export.opset, export.int8, export.int8_budget_pt, torch_logits, export.int8_class_budget_pt, export.ladder,
+        calibration_items, export.calibration_size,
     )  # fmt: skip
     folder, name = BUNDLE_ARTIFACT.rsplit("/", 1)
     assert Path(report.bundle_tar).name == name, "pack() names the archive as the registry expects"
@@ -329,5 +359,7 @@ def version_tags(report: ExportReport) -> dict[str, str]:
         "onnx.int8_shipped": str(report.int8_shipped).lower(),
         "onnx.int8_delta_pt": f"{report.int8_delta_pt:.3f}",
         "onnx.default_model": report.default_model,
+        "onnx.int8_rung": (report.ladder or {}).get("shipped", "fp32"),
+        "onnx.calibration_sha256": str(((report.ladder or {}).get("calibration") or {}).get("sha256")),
         "bundle_sha256": report.bundle_sha256,
     }

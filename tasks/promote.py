@@ -38,7 +38,16 @@ from tasks.registered_version import (
     verify_same_data,
     verify_version_bundle,
 )
-from tasks.registry_gate import Check, Decision, baseline_check, compare, decide, tag_checks
+from tasks.registry_gate import (
+    Check,
+    Decision,
+    baseline_check,
+    cite_report,
+    compare,
+    decide,
+    significance_check,
+    tag_checks,
+)
 from tasks.registry_lock import RegistryBusy, current_user, registry_lock
 from tasks.tracking import Tracker, VersionRecord
 
@@ -121,6 +130,8 @@ class GateInputs:
     int8_budget_pt: float
     require_beats_baselines: bool
     scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    require_significance: bool = False  # registry.require_significance: the candidate report's verdict
+    significance_level: float = 0.05
 
 
 def promote_version(
@@ -202,6 +213,8 @@ def gather(
         cfg.registry.margin if margin is None else margin,
         cfg.export.int8_budget_pt if int8_budget_pt is None else int8_budget_pt,
         cfg.registry.require_beats_baselines,
+        require_significance=cfg.registry.require_significance,
+        significance_level=cfg.registry.significance_level,
     )
 
 
@@ -216,8 +229,11 @@ def judge(gate: GateInputs, champion: VersionRecord | None, user: str, dry_run: 
     checks += tag_checks(gate.challenger.tags, gate.int8_budget_pt)
     checks.append(baseline_check(gate.challenger.tags, gate.require_beats_baselines))
     checks.append(compare(gate.metric, mine[gate.metric], theirs[gate.metric] if theirs else None, gate.margin))
-    promote, reasons = decide(checks)
     before = champion.version if champion else None
+    tags = gate.challenger.tags
+    checks.append(significance_check(tags, before, gate.require_significance, gate.significance_level))
+    promote, reasons = decide(checks)
+    reasons = cite_report(checks, reasons, tags.get("report.uri"))
     return Decision(
         model=gate.challenger.name,
         action="promote",
@@ -236,6 +252,7 @@ def judge(gate: GateInputs, champion: VersionRecord | None, user: str, dry_run: 
         data_version=gate.data_version,
         test_size=len(gate.split.labels),
         dry_run=dry_run,
+        report=tags.get("report.uri"),
     )
 
 

@@ -42,6 +42,7 @@ class Decision:
     host: str = field(default_factory=socket.gethostname)
     dry_run: bool = False
     log_run_id: str | None = None
+    report: str | None = None  # the candidate report the decision read (`report.uri` tag of the challenger)
 
     @property
     def promoted(self) -> bool:
@@ -97,6 +98,45 @@ def compare(metric: str, challenger: float, champion: float | None, margin: floa
     ok = delta > 0 and delta >= margin
     verdict = "wins" if ok else f"does not win (needs > 0 and ≥ margin {margin})"
     return Check("beats_champion", ok, f"{metric} {challenger:.4f} vs champion {champion:.4f}: {delta:+.4f}, {verdict}")
+
+
+def significance_check(tags: Mapping[str, str], champion: str | None, required: bool, level: float) -> Check:
+    """The candidate report's verdict (tags `report.*` on the version): is the improvement more than noise? The
+    bootstrap CI of the difference must exclude 0 on the winning side and McNemar must reject at `level`. Only
+    `registry.require_significance` turns a missing, stale or non-significant report into a refusal."""
+    name = "significant"
+    if champion is None:
+        return Check(name, True, "no champion yet: nothing to be significantly better than")
+    against = tags.get("report.against_version")
+    stale = None
+    if against is None:
+        stale = "no candidate report recorded on the version"
+    elif against != champion:
+        stale = f"the report compares against v{against} but the champion is v{champion}"
+    elif tags.get("report.level") != f"{level:g}":
+        stale = f"the report tested at level {tags.get('report.level')}, the gate requires {level:g}"
+    if stale:
+        how = "rebuild it: `transflow report NAME@challenger`"
+        return Check(name, not required, f"{stale} ({how})" + ("" if required else "; significance not required"))
+    try:
+        diff, low, high, p = (float(tags[k]) for k in ("report.difference", "report.ci_low", "report.ci_high",
+                                                         "report.mcnemar_p"))  # fmt: skip
+    except (KeyError, ValueError):
+        return Check(name, not required, "the report's significance tags are incomplete (report.difference, …)")
+    ok = low > 0 and p < level
+    verdict = "significant" if ok else "NOT significant"
+    detail = (
+        f"{tags.get('report.metric', 'metric')} difference {diff:+.4f}, {1 - level:.0%} CI [{low:+.4f}, {high:+.4f}], "
+        f"McNemar p={p:.3g}: {verdict} at level {level:g}"
+    )
+    return Check(name, ok or not required, detail + ("" if ok or required else " (significance not required)"))
+
+
+def cite_report(checks: list[Check], reasons: list[str], report_uri: str | None) -> list[str]:
+    """Every refusal names the report line that failed: the report lists the same checks, by the same names."""
+    if not report_uri or all(c.ok for c in checks):
+        return reasons
+    return [f"report line '{c.name}': {c.detail} ({report_uri}#line-{c.name})" for c in checks if not c.ok]
 
 
 def decide(checks: list[Check]) -> tuple[bool, list[str]]:
