@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import gzip
 import importlib.metadata
 import io
 import json
@@ -284,3 +285,43 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------- hostile archives, small on the wire
+
+
+def _gz(data: bytes, level: int = 9) -> bytes:
+    return gzip.compress(data, compresslevel=level, mtime=0)
+
+
+_TEMPLATE = tarfile.TarInfo("f").tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _empty_member(name: str) -> bytes:
+    """One ustar header block of an empty file (TarInfo.tobuf is too slow for 200k of them)."""
+    block = name.encode().ljust(100, b"\0") + _TEMPLATE[100:148] + b" " * 8 + _TEMPLATE[156:]
+    return block[:148] + b"%06o\0 " % sum(block) + block[156:]
+
+
+def bomb_archive(kind: str, payload_mb: int = 256) -> bytes:
+    """A small .tar.gz that is expensive to read naively. A gzip stream may be several gzip members back to
+    back, so `payload_mb` MiB of zeros are one compressed MiB of zeros repeated (a few kB in all).
+
+    - "longname": a GNU long-name header whose name is `payload_mb` MiB long;
+    - "pax": a pax extended header of `payload_mb` MiB;
+    - "members": 200,000 empty files;
+    - "gzip": one file of `payload_mb` MiB of zeros (a compression bomb)."""
+    zeros = _gz(bytes(1 << 20))
+    end = _gz(bytes(1024))  # the two zero blocks that end a tar archive
+    if kind == "members":
+        return _gz(b"".join(_empty_member(f"f{i}") for i in range(200_000)), level=1) + end
+    size = payload_mb << 20
+    special = {"longname": tarfile.GNUTYPE_LONGNAME, "pax": tarfile.XHDTYPE, "gzip": tarfile.REGTYPE}[kind]
+    info = tarfile.TarInfo("././@LongLink" if kind == "longname" else "PaxHeader" if kind == "pax" else "big.bin")
+    info.type, info.size = special, size
+    head = _gz(info.tobuf(format=tarfile.USTAR_FORMAT))
+    body = zeros * payload_mb
+    if kind == "gzip":
+        return head + body + end
+    follower = _gz(tarfile.TarInfo("manifest.json").tobuf(format=tarfile.USTAR_FORMAT))
+    return head + body + follower + end

@@ -34,6 +34,7 @@ MANIFEST = "manifest.json"
 MAX_BUNDLE_BYTES = 2 << 30  # 2 GiB unpacked
 MAX_BUNDLE_FILES = 64
 MAX_MANIFEST_BYTES = 1 << 20
+MAX_RATIO, RATIO_FREE_BYTES = 100, 16 << 20  # unpacked/packed size, checked past the first 16 MiB
 MAX_HEADER_BYTES = 64 << 10  # a pax or GNU long-name header: names and a few keys, never more
 
 
@@ -202,6 +203,7 @@ def safe_extract(
     count, size, running total) before its data is read, so a hostile archive (200k members, a huge extended
     header, a member that unpacks to gigabytes) is refused after reading little of it, in bounded memory.
     Regular files only, no path outside `dest`; tarfile's 'data' filter as a second guard."""
+    ratio_cap = max(RATIO_FREE_BYTES, MAX_RATIO * archive.stat().st_size)
     try:
         with tarfile.open(archive, mode="r|gz", tarinfo=_BoundedTarInfo) as tar:
             dest.mkdir(parents=True, exist_ok=False)
@@ -215,6 +217,8 @@ def safe_extract(
                 total += member.size
                 if total > max_bytes:
                     raise BundleError(f"{archive.name}: unpacks to more than {max_bytes} bytes")
+                if total > ratio_cap:  # weights barely compress; a thousandfold ratio is a bomb
+                    raise BundleError(f"{archive.name}: unpacks to over {MAX_RATIO}x its size (a compression bomb)")
                 tar.extract(member, dest, filter="data")
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
         if isinstance(exc, FileExistsError):

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from transflow_edge.bundle import MAX_BUNDLE_BYTES
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -35,6 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-text-chars", type=int, default=10_000, help="longest text accepted (characters)")
     add("--max-body-bytes", type=int, default=16 << 20, help="largest predict request body")
     add("--max-upload-bytes", type=int, default=1 << 30, help="largest bundle archive accepted by the admin upload")
+    add("--max-bundle-bytes", type=int, default=MAX_BUNDLE_BYTES, help="largest bundle once unpacked")
     add("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: one per physical core)")
     add("--watch-dir", type=Path, help="serve the newest bundle .tar.gz dropped into this folder (air-gapped sites)")
     add("--watch-interval", type=float, default=2.0, help="seconds between looks at --watch-dir")
@@ -66,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_text_chars=args.max_text_chars,
             max_body_bytes=args.max_body_bytes,
             max_upload_bytes=args.max_upload_bytes,
+            max_bundle_bytes=args.max_bundle_bytes,
             max_batch=args.max_batch,
             max_wait_ms=args.max_wait_ms,
             intra_op_threads=args.threads,

@@ -28,7 +28,7 @@ from transflow_edge.settings import Settings
 logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 MULTIPART = "multipart/form-data"
-JSON_BUFFER = 1 << 20
+JSON_BUFFER = 1 << 16
 JSON_TYPES = {"start_map": "dict", "start_array": "list", "boolean": "bool", "null": "NoneType"}
 
 
