@@ -1,1 +1,3 @@
-"""The edge side: bundle format and the light inference server (no torch)."""
+"""Transflow's light edge server: bundle format, preprocessing, the server and its client (no torch)."""
+
+__version__ = "0.1.0"

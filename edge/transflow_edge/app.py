@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from transflow_edge import __version__, schemas, v2
 from transflow_edge.bundle import BundleError
 from transflow_edge.guards import BodyDeadline
 from transflow_edge.metrics import MetricsMiddleware
@@ -56,7 +58,8 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             state.close()
 
-    app = FastAPI(title="transflow edge", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # The OpenAPI schema is served (/openapi.json); the docs pages are not: they load scripts from a CDN.
+    app = FastAPI(title="transflow edge", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.edge = state
     # Parsing, base64 and image decoding, tokenisation: on these threads only, never on the event loop.
     workers = anyio.CapacityLimiter(settings.parse_workers)
@@ -113,7 +116,16 @@ def create_app(settings: Settings) -> FastAPI:
         except PreprocessError as exc:
             raise ApiError(422, str(exc)) from None
 
-    @app.post("/v1/predict")
+    async def run_model(model: LoadedModel, prepared: list[Any]) -> np.ndarray:
+        try:
+            future = state.batcher.submit(model, prepared)
+        except OverflowError:
+            raise ApiError(503, "overloaded: too many queued inputs, retry shortly", {"Retry-After": "1"}) from None
+        except RuntimeError:
+            raise ApiError(503, "the server is shutting down") from None
+        return await asyncio.wrap_future(future)
+
+    @app.post("/v1/predict", openapi_extra=schemas.PREDICT)
     async def predict(request: Request) -> dict[str, Any]:
         started = time.perf_counter()
         model = require_model()  # this request uses this model to the end, whatever is swapped in meanwhile
@@ -121,18 +133,59 @@ def create_app(settings: Settings) -> FastAPI:
         check_predict_type(content_type, model)
         body = await read_body(request, settings.max_body_bytes, max_parts=settings.max_items)
         prepared = await anyio.to_thread.run_sync(parse_and_prepare, body, content_type, model, limiter=workers)
-        try:
-            future = state.batcher.submit(model, prepared)
-        except OverflowError:
-            raise ApiError(503, "overloaded: too many queued inputs, retry shortly", {"Retry-After": "1"}) from None
-        except RuntimeError:
-            raise ApiError(503, "the server is shutting down") from None
-        logits = await asyncio.wrap_future(future)
+        logits = await run_model(model, prepared)
         return {
             "predictions": predictions(model, logits),
             "model": {"name": model.name, "version": model.version},
             "latency_ms": round((time.perf_counter() - started) * 1000, 3),
         }
+
+    # -- Open Inference Protocol v2
+
+    def require_v2_model(name: str) -> LoadedModel:
+        model = require_model()
+        if name != model.name:
+            raise ApiError(404, f"unknown model {name[:80]!r}; this server serves {model.name!r}")
+        return model
+
+    @app.get("/v2")
+    async def v2_server() -> dict[str, Any]:
+        return {"name": "transflow-edge", "version": __version__, "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live")
+    async def v2_live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def v2_ready() -> JSONResponse:
+        return JSONResponse({"ready": state.model is not None}, 200 if state.model is not None else 503)
+
+    @app.get("/v2/models/{name}")
+    async def v2_model(name: str) -> dict[str, Any]:
+        return v2.model_metadata(require_v2_model(name))
+
+    @app.get("/v2/models/{name}/ready")
+    async def v2_model_ready(name: str) -> dict[str, Any]:
+        require_v2_model(name)
+        return {"name": name, "ready": True}
+
+    def parse_infer_and_prepare(body: bytes, header_length: str | None, model: LoadedModel) -> dict[str, Any]:
+        request = v2.parse_infer(body, header_length, model, settings)
+        try:
+            return request | {"prepared": model.prepare(request["items"])}
+        except PreprocessError as exc:
+            raise ApiError(422, str(exc)) from None
+
+    @app.post("/v2/models/{name}/infer", openapi_extra=schemas.INFER)
+    async def v2_infer(name: str, request: Request) -> dict[str, Any]:
+        model = require_v2_model(name)
+        body = await read_body(request, settings.max_body_bytes)
+        header_length = request.headers.get(v2.HEADER_LENGTH)
+        parsed = await anyio.to_thread.run_sync(parse_infer_and_prepare, body, header_length, model, limiter=workers)
+        logits = await run_model(model, parsed["prepared"])
+        return v2.infer_response(model, logits, parsed["id"], parsed["outputs"])
+
+    # -- admin
 
     @app.post("/v1/admin/bundles")
     async def upload_bundle(request: Request) -> dict[str, Any]:
