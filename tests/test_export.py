@@ -14,7 +14,7 @@ from transflow_edge.bundle import BundleError, pack, safe_extract, verify_bundle
 from models.text import TextAdapter
 from runconfig import DataConfig
 from tasks.data import load_dataset
-from tasks.export import ExportError, build_bundle, session
+from tasks.export import ExportError, build_bundle, calibration_feeds, session
 from tasks.finetune import Encoded
 
 
@@ -168,3 +168,22 @@ def test_unexportable_model_fails_with_the_exporters_message(tiny_setup: tuple, 
             tmp_path,
         )
     assert not (tmp_path / "bundle.tar.gz").exists()
+
+
+def test_ladder_climbs_on_a_real_encoder_and_the_manifest_records_every_rung(tiny_setup: tuple, tmp_path: Path) -> None:
+    """Budgets no rung can keep (a random model may even gain from int8): every int8 rung is tried on the real
+    BERT graph (static QDQ calibrated on a seeded slice of the validation split), fp32 ships, the manifest says so."""
+    adapter, _, ds, _ = tiny_setup
+    budgets = {"int8_class_budget_pt": -1e3, "int8_budget_pt": -1e3}
+    report = export(tiny_setup, tmp_path, **budgets, calibration_items=ds.validation.items, calibration_size=8)
+    manifest = json.loads((Path(report.bundle_dir) / "manifest.json").read_text())
+    ladder = manifest["ladder"]
+    names = [r["rung"] for r in ladder["rungs"]]
+    assert names[:2] == ["dynamic", "static"] and names[-1] == "fp32"
+    assert any(n.startswith("static_mixed") for n in names)
+    assert all(r["macro_f1"] is not None and r["latency_b1_ms"] > 0 for r in ladder["rungs"])
+    assert ladder["shipped"] == "fp32" and report.default_model == "model.onnx" and not report.int8_shipped
+    assert "no int8 rung kept the budgets" in report.int8_reason and manifest["int8"]["rung"] == "fp32"
+    assert ladder["calibration"]["size"] == 8 and len(ladder["calibration"]["sha256"]) == 64
+    again = calibration_feeds(adapter, ds.validation.items, 8)
+    assert again["sha256"] == ladder["calibration"]["sha256"], "the same seeded slice, the same hash"
