@@ -31,17 +31,16 @@ from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
-from transflow_edge.bundle import BundleError, safe_extract, sha256_file, verify_bundle
+from transflow_edge.bundle import sha256_file
 from transflow_edge.client import EdgeClient, EdgeError
 
+from tasks.prefect_options import LIVE
+from tasks.registered_version import RegistryError, fetch_verified_bundle
 from tasks.tracking import Tracker, resolve_tracking_uri
 
-BUNDLE_ARTIFACT = "bundle/bundle.tar.gz"
 DIR_PREFIX = "dir://"
 GOLDEN_CHUNK = 16  # golden inputs per predict request, well under the server's max_items
 HISTORY_CHARS = 4000  # MLflow tag values are limited (5000 characters on older stores)
-EFFECT = {"cache_policy": NO_CACHE, "persist_result": False}
 
 
 class DeployError(RuntimeError):
@@ -121,41 +120,28 @@ def _serving(target: Target) -> str | None:
 # ---------------------------------------------------------------- tasks
 
 
-@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, **EFFECT)
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, **LIVE)
 def fetch_bundle(tracking_uri: str, model_uri: str, workdir: Path) -> Fetched:
     """Resolve the version, download its bundle archive, and verify it against its manifest and its tag."""
     tracker = Tracker(tracking_uri)
     try:
         name, version = tracker.resolve_version(model_uri)
-        record = tracker.client.get_model_version(name, version)
+        record = tracker.model_version(name, version)
     except Exception as exc:  # MLflow's own error types stay in tasks/tracking.py
         raise DeployError(f"{model_uri}: not found in the registry at {tracking_uri} ({exc})") from None
-    listed = {a.path for a in tracker.client.list_artifacts(record.run_id, "bundle")} if record.run_id else set()
-    if BUNDLE_ARTIFACT not in listed:
-        raise DeployError(
-            f"{name} v{version} has no bundle artifact ({BUNDLE_ARTIFACT} on run {record.run_id}): "
-            f"export it first with `transflow export {name}/{version} --out DIR`"
-        )
-    expected = record.tags.get("bundle_sha256")
-    if not expected:
-        raise DeployError(f"{name} v{version} has no bundle_sha256 tag: re-export it with `transflow export`")
-    archive = tracker.download(f"runs:/{record.run_id}/{BUNDLE_ARTIFACT}", workdir / "download")
+    if record is None:
+        raise DeployError(f"{model_uri}: not found in the registry at {tracking_uri}")
     try:
-        bundle = verify_bundle(safe_extract(archive, workdir / "verified"))
-    except BundleError as exc:
-        raise DeployError(f"{name} v{version}: the bundle artifact fails verification: {exc}") from None
-    if bundle.sha256 != expected:
-        raise DeployError(
-            f"{name} v{version}: bundle sha256 {bundle.sha256} does not match the version's bundle_sha256 tag "
-            f"{expected} (the artifact changed after export)"
-        )
+        archive, bundle = fetch_verified_bundle(tracker, record, workdir)
+    except RegistryError as exc:
+        raise DeployError(str(exc)) from None
     golden = bundle.json("golden.json") if "golden.json" in bundle.manifest["files"] else {}
     manifest = bundle.manifest
     manifest_ids = str(manifest.get("name", name)), str(manifest.get("version", version))
     return Fetched(name, version, str(archive), bundle.sha256, *manifest_ids, golden)
 
 
-@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, **EFFECT)
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, **LIVE)
 def snapshot(target: Target, filename: str) -> dict[str, Any]:
     """What a target serves before the deploy: an edge server's bundle sha256, or the folder's file state."""
     if target.kind == "http":
@@ -167,7 +153,7 @@ def snapshot(target: Target, filename: str) -> dict[str, Any]:
     return {"exists": path.is_file(), "mtime_ns": path.stat().st_mtime_ns if path.is_file() else None}
 
 
-@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, **EFFECT)
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, **LIVE)
 def push(target: Target, fetched: Fetched, token_env: str) -> str:
     """Upload to an edge server (it answers "unchanged" to what it already serves), or write into the folder."""
     if target.kind == "dir":
@@ -201,7 +187,7 @@ def _write_archive(folder: Path, fetched: Fetched) -> str:
     return "written"
 
 
-@task(**EFFECT)
+@task(**LIVE)
 def wait_until_serving(target: Target, sha256: str, timeout_s: float) -> None:
     """Poll `/v1/model` until the target reports the new bundle (a folder target: the file is in place)."""
     if target.kind == "dir":
@@ -218,7 +204,7 @@ def wait_until_serving(target: Target, sha256: str, timeout_s: float) -> None:
     raise TargetError(f"{target.text}: still reports bundle {seen} after {timeout_s:.0f} s, not {sha256}")
 
 
-@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, **EFFECT)
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, **LIVE)
 def golden_check(target: Target, fetched: Fetched) -> dict[str, Any]:
     """The bundle's golden inputs through `/v1/predict`: same labels (clear winners) and scores within atol."""
     golden = fetched.golden
@@ -257,7 +243,7 @@ def compare_golden(
     return {"checked": len(predictions), "max_score_diff": worst}
 
 
-@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, **EFFECT)
+@task(retries=2, retry_delay_seconds=2, retry_condition_fn=_transient, **LIVE)
 def restore(target: Target, before: dict[str, Any], fetched: Fetched, token_env: str) -> str:
     """Put a target back on what it served before; looks first, so a retried or repeated call changes nothing."""
     if target.kind == "dir":
@@ -288,7 +274,7 @@ def _restore_folder(path: Path, before: dict[str, Any]) -> str:
     return "unchanged"
 
 
-@task(retries=2, retry_delay_seconds=2, **EFFECT)
+@task(retries=2, retry_delay_seconds=2, **LIVE)
 def record(tracking_uri: str, name: str, version: str, outcome: dict[str, Any]) -> None:
     """The deployment as `deploy.*` tags on the version, plus a short history of earlier ones."""
     tracker = Tracker(tracking_uri)

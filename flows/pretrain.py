@@ -21,9 +21,10 @@ from models.stages import StageSpec, train_stage
 from models.trainer import FitPlan, evaluate, seed_everything
 from runconfig import PretrainConfig, load_pretrain_config
 from tasks import data as data_tasks
-from tasks.finetune import LIVE, Encoded, encode, load_backbone, resolve_device
+from tasks.finetune import Encoded, encode, load_backbone, resolve_device
 from tasks.lineage import collect_lineage
 from tasks.model_dir import write_backbone_dir
+from tasks.prefect_options import LIVE
 from tasks.tracking import Tracker, resolve_tracking_uri
 
 console = Console()

@@ -24,7 +24,6 @@ from runconfig import RunConfig, load_config
 from tasks import data as data_tasks
 from tasks.evaluate import baseline_verdict, baselines, evaluate_model, plot_curves
 from tasks.finetune import (
-    LIVE,
     RUN_CONFIG,
     Encoded,
     apply_threads,
@@ -39,6 +38,7 @@ from tasks.finetune import (
 )
 from tasks.gpu import preflight
 from tasks.model_dir import write_model_dir
+from tasks.prefect_options import LIVE
 from tasks.tracking import Tracker
 
 TRAINING_JSON = "training.json"  # the run artifact `retrain` reads the results from

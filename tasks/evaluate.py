@@ -4,6 +4,7 @@ PNGs, and the two reference baselines every fine-tuned model must beat."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,20 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+import torch.nn.functional as F
 from prefect import task
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import classification_report, confusion_matrix
 
+from models.adapters import load_model_dir
 from models.batching import Batch
 from models.trainer import predict, scores
-from tasks.finetune import LIVE
+from runconfig import RunConfig
+from tasks.data import DataError, load_dataset
+from tasks.finetune import Encoded
+from tasks.prefect_options import LIVE
+from tasks.registered_version import RegistryError
+from tasks.tracking import Tracker, VersionRecord
 
 
 def report(y_true: Sequence[int], logits: np.ndarray, classes: list[str]) -> dict[str, Any]:
@@ -137,3 +145,55 @@ def plot_transfer(rows: list[dict[str, Any]], path: Path) -> Path:
     ax.set(ylabel="test accuracy", ylim=(0, 1), title="transfer vs from scratch")
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+# --- a registered version, re-evaluated on its run's test split (the promotion gate) ---------------------------
+
+
+@dataclass
+class TestSplit:
+    """The challenger's test split, shared by both evaluations."""
+
+    items: list[Any]
+    labels: list[int]
+    classes: list[str]
+    batch_size: int
+    device: str
+
+
+def load_test_split(cfg: RunConfig, device: str) -> TestSplit:
+    try:
+        dataset = load_dataset(cfg.data, seed=cfg.training.seed)
+    except (DataError, ValueError) as exc:
+        raise RegistryError(f"cannot load the challenger's test split: {exc}") from None
+    test = dataset.test
+    return TestSplit(test.items, test.labels, dataset.classes, cfg.training.eval_batch_size, device)
+
+
+def evaluate_version(tracker: Tracker, record: VersionRecord, split: TestSplit, work: Path) -> dict[str, float]:
+    source = tracker.training_model_uri(f"models:/{record.name}/{record.version}")  # the run's model/, not the pyfunc
+    model_dir = tracker.download(source, work / f"model-v{record.version}")
+    return evaluate_model_dir(model_dir, split)
+
+
+def evaluate_model_dir(model_dir: Path, split: TestSplit) -> dict[str, float]:
+    """Accuracy, macro-F1 and loss of a saved model on the split, its logits reordered to the split's classes.
+
+    No progress bar: the gate runs inside other flows and in parallel threads (one Rich live display each)."""
+    adapter, model, meta = load_model_dir(model_dir)
+    if sorted(meta["classes"]) != sorted(split.classes):
+        raise RegistryError(f"{model_dir}: model classes {meta['classes']} differ from the data's {split.classes}")
+    order = torch.as_tensor([meta["classes"].index(c) for c in split.classes])
+    encoded = Encoded(([], []), ([], []), (adapter.encode(split.items), split.labels))
+    model.to(split.device).eval()
+    logits, labels = [], []
+    with torch.inference_mode():
+        for inputs, y in encoded.batches(adapter, "test", split.batch_size, sort=True):
+            out = model(**{k: v.to(split.device) for k, v in inputs.items()}).float().cpu()
+            logits.append(out[:, order])
+            labels.append(y)
+    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
+    loss = F.cross_entropy(all_logits, all_labels).item()
+    return {k: round(v, 6) for k, v in scores(all_labels.numpy(), np.asarray(all_logits)).items()} | {
+        "loss": round(loss, 6)
+    }

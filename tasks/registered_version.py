@@ -1,5 +1,6 @@
 """A registered model version as the registry steps need it: checked to exist, its verified bundle, the run's
-config and proof that the data on disk is the data it was trained and tested on, and its evaluation on that data.
+config and proof that the data on disk is the data it was trained and tested on (its re-evaluation on that data:
+`tasks.evaluate.evaluate_version`). Light on purpose: no torch, so the deploy flow can use it.
 
 Every failure here is a `RegistryError` naming the version and what is wrong: nothing was changed.
 """
@@ -8,21 +9,13 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import ValidationError
 from transflow_edge.bundle import Bundle, BundleError, safe_extract, verify_bundle
 
-from models.adapters import load_model_dir
-from models.trainer import scores
 from runconfig import DataConfig, RunConfig
-from tasks.data import DataError, load_dataset, verify_data
-from tasks.finetune import Encoded
+from tasks.data import DataError, verify_data
 from tasks.registry_gate import Check
 from tasks.tracking import CHALLENGER, Tracker, VersionRecord
 
@@ -89,7 +82,7 @@ def fetch_verified_bundle(tracker: Tracker, record: VersionRecord, work: Path) -
     tar = tracker.run_artifact(record.run_id or "", BUNDLE_ARTIFACT, work / f"bundle-v{record.version}.download")
     if tar is None:
         raise RegistryError(
-            f"{where}: run {record.run_id} has no {BUNDLE_ARTIFACT}: export it first with "
+            f"{where} has no bundle artifact: run {record.run_id} has no {BUNDLE_ARTIFACT}; export it first with "
             f"`transflow export {record.name}/{record.version} --out DIR`"
         )
     if not expected:
@@ -101,8 +94,8 @@ def fetch_verified_bundle(tracker: Tracker, record: VersionRecord, work: Path) -
         raise RegistryError(f"{where}: bundle fails verification: {exc}") from None
     if bundle.sha256 != expected:
         raise RegistryError(
-            f"{where}: bundle sha256 {bundle.sha256} is not the registered one ({expected}): "
-            "the artifact changed after export"
+            f"{where}: bundle sha256 {bundle.sha256} is not the registered one: it does not match the version's "
+            f"bundle_sha256 tag {expected} (the artifact changed after export)"
         )
     return tar, bundle
 
@@ -154,51 +147,3 @@ def verify_same_data(data_cfg: DataConfig, record: VersionRecord, allow_unversio
     if not report.ok:
         raise RegistryError(f"data on disk does not match {dvc_file}: " + "; ".join(report.problems[:5]))
     return Check("same_data", True, f"test split of data version {pinned} verified on disk")
-
-
-@dataclass
-class TestSplit:
-    """The challenger's test split, shared by both evaluations."""
-
-    items: list[Any]
-    labels: list[int]
-    classes: list[str]
-    batch_size: int
-    device: str
-
-
-def load_test_split(cfg: RunConfig, device: str) -> TestSplit:
-    try:
-        dataset = load_dataset(cfg.data, seed=cfg.training.seed)
-    except (DataError, ValueError) as exc:
-        raise RegistryError(f"cannot load the challenger's test split: {exc}") from None
-    test = dataset.test
-    return TestSplit(test.items, test.labels, dataset.classes, cfg.training.eval_batch_size, device)
-
-
-def evaluate_version(tracker: Tracker, record: VersionRecord, split: TestSplit, work: Path) -> dict[str, float]:
-    model_dir = tracker.download(f"models:/{record.name}/{record.version}", work / f"model-v{record.version}")
-    return evaluate_model_dir(model_dir, split)
-
-
-def evaluate_model_dir(model_dir: Path, split: TestSplit) -> dict[str, float]:
-    """Accuracy, macro-F1 and loss of a saved model on the split, its logits reordered to the split's classes.
-
-    No progress bar: the gate runs inside other flows and in parallel threads (one Rich live display each)."""
-    adapter, model, meta = load_model_dir(model_dir)
-    if sorted(meta["classes"]) != sorted(split.classes):
-        raise RegistryError(f"{model_dir}: model classes {meta['classes']} differ from the data's {split.classes}")
-    order = torch.as_tensor([meta["classes"].index(c) for c in split.classes])
-    encoded = Encoded(([], []), ([], []), (adapter.encode(split.items), split.labels))
-    model.to(split.device).eval()
-    logits, labels = [], []
-    with torch.inference_mode():
-        for inputs, y in encoded.batches(adapter, "test", split.batch_size, sort=True):
-            out = model(**{k: v.to(split.device) for k, v in inputs.items()}).float().cpu()
-            logits.append(out[:, order])
-            labels.append(y)
-    all_logits, all_labels = torch.cat(logits), torch.cat(labels)
-    loss = F.cross_entropy(all_logits, all_labels).item()
-    return {k: round(v, 6) for k, v in scores(all_labels.numpy(), np.asarray(all_logits)).items()} | {
-        "loss": round(loss, 6)
-    }

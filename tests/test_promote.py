@@ -266,8 +266,11 @@ def test_lifecycle_first_champion_better_challenger_then_rollback(tracker: Any, 
         "same_labels",
         "onnx_parity",
         "int8",
+        "beats_baselines",
         "beats_champion",
     }
+    baseline = {c["name"]: c for c in second.checks}["beats_baselines"]  # its run evaluated no baselines
+    assert baseline["ok"] and "no baselines were evaluated" in baseline["detail"]
     tags = tracker.version_tags(MODEL, v2)
     assert tags["promotion.outcome"] == "promoted" and tags["promotion.previous_champion"] == v1
     assert tags["promotion.user"] == second.user and tags["promotion.log_run_id"] == second.log_run_id
