@@ -82,7 +82,7 @@ def fetch_verified_bundle(tracker: Tracker, record: VersionRecord, work: Path) -
     tar = tracker.run_artifact(record.run_id or "", BUNDLE_ARTIFACT, work / f"bundle-v{record.version}.download")
     if tar is None:
         raise RegistryError(
-            f"{where} has no bundle artifact: run {record.run_id} has no {BUNDLE_ARTIFACT}; export it first with "
+            f"{where} has no bundle artifact (run {record.run_id} has no {BUNDLE_ARTIFACT}): export it first with "
             f"`transflow export {record.name}/{record.version} --out DIR`"
         )
     if not expected:
