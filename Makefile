@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml edge/pyproject.toml requirements/constraints.txt
 	$(BIN)/pip install --quiet -c requirements/constraints.txt -e ./edge -e ".[dev]"
 	touch $(STAMP)
 
-# Fashion-MNIST comes from Debian's dataset-fashion-mnist; install it where we can, explain where we cannot.
+# Fashion-MNIST (dataset-fashion-mnist) and chromium come from Debian; install them where we can, explain where we cannot.
 sources:
 	@if [ -f "$(FASHION_DIR)/train-images-idx3-ubyte.gz" ] || [ -n "$$TRANSFLOW_FASHION_MNIST_DIR" ]; then :; \
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
@@ -28,6 +28,15 @@ sources:
 	else \
 	  echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', or download the four"; \
 	  echo "*-ubyte.gz files of Fashion-MNIST and export TRANSFLOW_FASHION_MNIST_DIR=/path/to/them."; exit 1; \
+	fi
+	@# Debian's chromium: the test that opens the candidate report in a real headless browser (never skipped).
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null && apt-get install -y -qq chromium >/dev/null)); \
+	else \
+	  echo "chromium is missing (tests/test_report_browser.py opens the report in it): sudo apt-get install chromium"; \
+	  exit 1; \
 	fi
 
 data: setup

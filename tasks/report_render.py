@@ -68,6 +68,14 @@ def ladder_rows(r: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+def int8_class_rows(r: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """int8 vs fp32 per class: each rung's F1 drop (points) per class, from the bundle's ladder."""
+    rungs = [g for g in (r["export"].get("ladder") or {}).get("rungs", []) if g.get("per_class_drop_pt")]
+    classes = list(rungs[0]["per_class_drop_pt"]) if rungs else []
+    return ["class", *(g["rung"] for g in rungs)], [[c, *(_signed(g["per_class_drop_pt"][c]) for g in rungs)]
+                                                    for c in classes]  # fmt: skip
+
+
 def latency_rows(r: dict[str, Any]) -> list[list[Any]]:
     isa = isa_label(r["speed"]["cpu"])
     return [[x["runtime"], x["batch"], x["p50_ms"], x["p95_ms"], isa] for x in r["speed"]["latency"]]
@@ -98,6 +106,9 @@ def render_markdown(r: dict[str, Any]) -> str:
             f"{parity.get('argmax_agreement')}, passed {parity.get('passed')}", ""]  # fmt: skip
     if ladder_rows(r):
         out += [*_md_table(LADDER_HEAD, ladder_rows(r)), ""]
+    head, rows = int8_class_rows(r)
+    if rows:
+        out += ["int8 vs fp32, F1 drop per class (points):", "", *_md_table(head, rows), ""]
     out += ["## Speed and size", "", f"CPU: {isa_label(r['speed']['cpu'])}", ""]
     out += [*_md_table(["runtime", "batch", "p50 ms", "p95 ms", "CPU ISA"], latency_rows(r)), ""]
     out += [*_md_table(["file", "bytes"], [[s["file"], s["bytes"]] for s in r["speed"]["sizes"]]), ""]
@@ -125,7 +136,7 @@ def plot_confusions(r: dict[str, Any], classes: list[str]) -> str:
     if c["champion"]:
         panels.append(("champion", c["champion"]["confusion"]))
     size = max(3.0, 0.45 * len(classes) + 1.8)
-    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False, layout="constrained")
     for ax, (title, matrix) in zip(axes[0], panels, strict=True):
         m = np.asarray(matrix)
         ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
@@ -147,13 +158,13 @@ def plot_per_class(r: dict[str, Any]) -> str:
         ax.bar(x + 0.2, [p["champion_f1"] for p in rows], 0.4, label="champion")
     ax.set_xticks(x, [p["class"] for p in rows], rotation=30, ha="right")
     ax.set(ylim=(0, 1), ylabel="test F1", title="per-class F1")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     return _svg(fig)
 
 
 def plot_latency(r: dict[str, Any]) -> str:
     runtimes = list(dict.fromkeys(x["runtime"] for x in r["speed"]["latency"]))
-    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8), sharey=True, layout="constrained")
     for ax, batch in zip(axes, (1, 32), strict=True):
         rows = {x["runtime"]: x for x in r["speed"]["latency"] if x["batch"] == batch}
         p50 = [rows[n]["p50_ms"] if n in rows else 0 for n in runtimes]
@@ -161,7 +172,7 @@ def plot_latency(r: dict[str, Any]) -> str:
         ax.barh(runtimes, p50, label="p50")
         ax.scatter(p95, runtimes, marker="|", s=200, color="black", label="p95")
         ax.set(title=f"batch {batch}", xlabel="ms")
-    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8, loc="lower right")
     fig.suptitle(isa_label(r["speed"]["cpu"]), fontsize=8)
     return _svg(fig)
 
@@ -216,7 +227,9 @@ def render_html(r: dict[str, Any]) -> str:
         f"{escape(str(int8.get('reason', '')))}</p><p>fp32 parity: max |Δlogit| "
         f"{escape(str(parity.get('fp32_max_abs_diff')))}, argmax agreement "
         f"{escape(str(parity.get('argmax_agreement')))}, passed {escape(str(parity.get('passed')))}</p>"
-        + (_html_table(LADDER_HEAD, ladder_rows(r)) if ladder_rows(r) else "") + "</section>",
+        + (_html_table(LADDER_HEAD, ladder_rows(r)) if ladder_rows(r) else "")
+        + (f"<p>int8 vs fp32, F1 drop per class (points):</p>{_html_table(*int8_class_rows(r))}"
+           if int8_class_rows(r)[1] else "") + "</section>",
         f'<section id="speed"><h2>Speed and size</h2><p>CPU: {escape(isa_label(r["speed"]["cpu"]))}</p>'
         + _html_table(["runtime", "batch", "p50 ms", "p95 ms", "CPU ISA"], latency_rows(r)) + plot_latency(r)
         + _html_table(["file", "bytes"], [[s["file"], s["bytes"]] for s in r["speed"]["sizes"]]) + "</section>",

@@ -96,7 +96,7 @@ def test_html_is_self_contained(two_versions: tuple) -> None:
         assert f'id="{section}"' in html
     assert "<svg" in html and 'id="line-significant"' in html
     # nothing the browser could fetch: no external src/href, no url(), no @import, no script
-    assert not re.search(r"""(src|href)\s*=\s*["'](?!#)""", html)
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!#|data:)""", html)
     assert "url(" not in html and "@import" not in html and "<script" not in html
 
 
