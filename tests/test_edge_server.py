@@ -289,7 +289,8 @@ def test_more_bad_requests(text_client: httpx.Client) -> None:
     chunks = (b'{"inputs": ["' + b"y" * 8192 for _ in range(10))  # chunked, no Content-Length
     assert "limit" in assert_json_error(text_client.post("/v1/predict", content=chunks), 413)
     deep = b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # refused at its first item, never built
-    assert "inputs[0]: expected a string, got list" in assert_json_error(text_client.post("/v1/predict", content=deep), 422)
+    refused = assert_json_error(text_client.post("/v1/predict", content=deep), 422)
+    assert "inputs[0]: expected a string, got list" in refused
     surrogate = text_client.post("/v1/predict", content=b'{"inputs": ["a\\ud800b"]}')  # ijson: a lone one is "?"
     assert surrogate.status_code == 200
     files = [("file", ("a.png", png_bytes(1), "image/png"))]
@@ -559,6 +560,25 @@ def test_micro_batching_merges_concurrent_requests(serve, bundles: dict[str, Pat
     text = unbatched.get("/metrics").text
     assert metric(text, "transflow_edge_batch_size_count") == 12
     assert metric(text, "transflow_edge_batch_size_bucket", le="1.0") == 12
+
+
+def test_a_lone_request_never_waits_and_texts_are_grouped_by_length(serve, tmp_path: Path) -> None:
+    bundle = build_text_bundle(tmp_path / "long", max_length=128)
+    client = serve(bundle=bundle, max_batch=32, max_wait_ms=2000)
+    assert client.post("/v1/predict", json={"inputs": ["warm up"]}).status_code == 200
+    started = time.perf_counter()
+    assert client.post("/v1/predict", json={"inputs": ["alone"]}).status_code == 200
+    assert time.perf_counter() - started < 1.0  # a lone request waiting for company would take 2 s
+
+    texts = ["short", "word " * 200, "tiny", "word " * 150, "ok"]  # 3-4 tokens and 128 (truncated) tokens
+    before = metric(client.get("/metrics").text, "transflow_edge_batch_size_count")
+    together = client.post("/v1/predict", json={"inputs": texts}).json()["predictions"]
+    calls = metric(client.get("/metrics").text, "transflow_edge_batch_size_count") - before
+    assert calls == 2  # the short ones and the long ones, each padded to their own longest
+    alone = [client.post("/v1/predict", json={"inputs": [t]}).json()["predictions"][0] for t in texts]
+    for a, b in zip(together, alone, strict=True):  # back in request order, same scores
+        assert a["label"] == b["label"]
+        np.testing.assert_allclose(list(a["scores"].values()), list(b["scores"].values()), atol=1e-5)
 
 
 # ---------------------------------------------------------------- state dir: restart, corruption, locking

@@ -8,7 +8,8 @@ import hmac
 import logging
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -109,21 +110,24 @@ def create_app(settings: Settings) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(state.model), media_type=CONTENT_TYPE_LATEST)
 
-    def parse_and_prepare(body: bytes, content_type: str, model: LoadedModel) -> list[Any]:
+    def parse_and_prepare(body: bytes, content_type: str, model: LoadedModel) -> dict[str, Any]:
         items = parse_inputs(body, content_type, model, settings)
         try:
-            return model.prepare(items)
+            return {"prepared": model.prepare(items)}
         except PreprocessError as exc:
             raise ApiError(422, str(exc)) from None
 
-    async def run_model(model: LoadedModel, prepared: list[Any]) -> np.ndarray:
-        try:
-            future = state.batcher.submit(model, prepared)
-        except OverflowError:
-            raise ApiError(503, "overloaded: too many queued inputs, retry shortly", {"Retry-After": "1"}) from None
-        except RuntimeError:
-            raise ApiError(503, "the server is shutting down") from None
-        return await asyncio.wrap_future(future)
+    async def run_model(prepare: Callable[[], Any], model: LoadedModel) -> tuple[Any, np.ndarray]:
+        """Prepare on a worker thread (the batcher knows it is coming), queue, and await the logits."""
+        with state.batcher.arriving() as arrival:
+            parsed = await anyio.to_thread.run_sync(prepare, limiter=workers)
+            try:
+                future = arrival.submit(model, parsed["prepared"])
+            except OverflowError:
+                raise ApiError(503, "overloaded: too many queued inputs, retry shortly", {"Retry-After": "1"}) from None
+            except RuntimeError:
+                raise ApiError(503, "the server is shutting down") from None
+        return parsed, await asyncio.wrap_future(future)
 
     @app.post("/v1/predict", openapi_extra=schemas.PREDICT)
     async def predict(request: Request) -> dict[str, Any]:
@@ -132,8 +136,7 @@ def create_app(settings: Settings) -> FastAPI:
         content_type = request.headers.get("content-type", "")
         check_predict_type(content_type, model)
         body = await read_body(request, settings.max_body_bytes, max_parts=settings.max_items)
-        prepared = await anyio.to_thread.run_sync(parse_and_prepare, body, content_type, model, limiter=workers)
-        logits = await run_model(model, prepared)
+        _, logits = await run_model(partial(parse_and_prepare, body, content_type, model), model)
         return {
             "predictions": predictions(model, logits),
             "model": {"name": model.name, "version": model.version},
@@ -181,8 +184,7 @@ def create_app(settings: Settings) -> FastAPI:
         model = require_v2_model(name)
         body = await read_body(request, settings.max_body_bytes)
         header_length = request.headers.get(v2.HEADER_LENGTH)
-        parsed = await anyio.to_thread.run_sync(parse_infer_and_prepare, body, header_length, model, limiter=workers)
-        logits = await run_model(model, parsed["prepared"])
+        parsed, logits = await run_model(partial(parse_infer_and_prepare, body, header_length, model), model)
         return v2.infer_response(model, logits, parsed["id"], parsed["outputs"])
 
     # -- admin

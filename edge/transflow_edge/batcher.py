@@ -1,4 +1,13 @@
-"""Micro-batching: concurrent requests merged into one onnxruntime call on a worker thread."""
+"""Adaptive micro-batching: concurrent requests merged into onnxruntime calls on one worker thread.
+
+- A lone request never waits: the worker takes what is queued and runs it at once. It waits (at most
+  `max_wait_ms`) only while other requests are known to be on their way, i.e. being parsed and preprocessed
+  right now (`arriving`), and the batch is not full. Under load the queue fills while a call runs, so batches
+  grow without anybody waiting.
+- Text items are sorted by length and cut into calls whose longest item is at most `LENGTH_SPREAD` times the
+  shortest, so padding to the longest does not eat the gain; results go back in request order.
+- Jobs prepared for different models never share a call.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +15,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +26,9 @@ from transflow_edge.model import LoadedModel
 
 log = logging.getLogger("transflow.edge")
 
+LENGTH_SPREAD = 2.0  # longest / shortest token count in one text call
+MIN_SPREAD_TOKENS = 16  # below this length padding costs nothing worth a separate call
+
 
 @dataclass
 class _Job:
@@ -25,13 +37,22 @@ class _Job:
     future: Future[np.ndarray]
 
 
+def length_groups(lengths: Sequence[int], max_batch: int) -> list[list[int]]:
+    """Indices grouped for calls: sorted by length, a new call when the spread or max_batch is passed."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            group = groups[-1]
+            shortest = max(lengths[group[0]], MIN_SPREAD_TOKENS)
+            if len(group) < max_batch and lengths[i] <= LENGTH_SPREAD * shortest:
+                group.append(i)
+                continue
+        groups.append([i])
+    return groups
+
+
 class MicroBatcher:
-    """Queue prepared requests and run them together on one worker thread, at most `max_batch` items a call.
-
-    The first request of a batch waits up to `max_wait_ms` for company; under load the queue fills while a
-    batch runs, so batches grow without waiting. Jobs prepared for different models never share a call.
-    """
-
     def __init__(
         self, max_batch: int, max_wait_ms: float, max_queue: int, on_batch: Callable[[int, int, float], None]
     ) -> None:
@@ -39,7 +60,8 @@ class MicroBatcher:
         self.on_batch = on_batch
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._pending = 0
-        self._pending_lock = threading.Lock()
+        self._arriving = 0  # requests between "body read" and "submitted": company worth waiting for
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -52,16 +74,28 @@ class MicroBatcher:
             self._thread.join(timeout=10)
             self._thread = None
 
-    def submit(self, model: LoadedModel, prepared: list[Any]) -> Future[np.ndarray]:
+    def arriving(self) -> _Arrival:
+        """`with batcher.arriving() as arrival: prepare…; arrival.submit(…)`: the worker knows a request is on
+        its way from the start of its preprocessing until it is queued."""
+        return _Arrival(self)
+
+    def submit(self, model: LoadedModel, prepared: list[Any], arrival: _Arrival | None = None) -> Future[np.ndarray]:
         if self._thread is None:
             raise RuntimeError("the batcher is not running")
-        with self._pending_lock:
+        job = _Job(model, prepared, Future())
+        with self._lock:
             if self._pending + len(prepared) > self.max_queue:
                 raise OverflowError(f"{self._pending} items queued")
             self._pending += len(prepared)
-        job = _Job(model, prepared, Future())
-        self._queue.put(job)
+            if arrival is not None and not arrival.done:  # queued and no longer arriving, in one step
+                arrival.done = True
+                self._arriving -= 1
+            self._queue.put(job)
         return job.future
+
+    def _company_expected(self) -> bool:
+        with self._lock:
+            return self._arriving > 0
 
     def _run(self) -> None:
         stopping = False
@@ -73,9 +107,14 @@ class MicroBatcher:
             deadline = time.monotonic() + self.max_wait
             while size < self.max_batch:
                 try:
-                    nxt = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+                    nxt = self._queue.get_nowait()
                 except queue.Empty:
-                    break
+                    if not self._company_expected() or time.monotonic() >= deadline:
+                        break
+                    try:  # someone is being parsed right now: worth a short wait
+                        nxt = self._queue.get(timeout=min(0.0005, max(deadline - time.monotonic(), 0)))
+                    except queue.Empty:
+                        continue
                 if nxt is None:
                     stopping = True
                     break
@@ -84,19 +123,14 @@ class MicroBatcher:
             self._execute(jobs)
 
     def _execute(self, jobs: list[_Job]) -> None:
-        with self._pending_lock:
+        with self._lock:
             self._pending -= sum(len(j.prepared) for j in jobs)
         live = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # clients that went away drop out
         for model in {id(j.model): j.model for j in live}.values():
             group = [j for j in live if j.model is model]
             items = [p for j in group for p in j.prepared]
             try:
-                chunks = []
-                for start in range(0, len(items), self.max_batch):
-                    began = time.perf_counter()
-                    chunks.append(model.logits(items[start : start + self.max_batch]))
-                    self.on_batch(len(chunks[-1]), len(group), time.perf_counter() - began)
-                logits = np.concatenate(chunks)
+                logits = self._logits(model, items, len(group))
             except Exception as exc:  # hand the failure to each waiting request, keep the worker alive
                 for j in group:
                     j.future.set_exception(exc)
@@ -105,3 +139,39 @@ class MicroBatcher:
             for j in group:
                 j.future.set_result(logits[offset : offset + len(j.prepared)])
                 offset += len(j.prepared)
+
+    def _logits(self, model: LoadedModel, items: list[Any], requests: int) -> np.ndarray:
+        padded = model.modality == "text" and getattr(model.preprocessor, "padding", "") == "longest"
+        if padded:
+            groups = length_groups([len(ids) for ids, _ in items], self.max_batch)
+        else:
+            groups = [list(range(i, min(i + self.max_batch, len(items)))) for i in range(0, len(items), self.max_batch)]
+        out: np.ndarray | None = None
+        for group in groups:
+            began = time.perf_counter()
+            logits = model.logits([items[i] for i in group])
+            self.on_batch(len(group), requests, time.perf_counter() - began)
+            if out is None:
+                out = np.empty((len(items), *logits.shape[1:]), dtype=logits.dtype)
+            out[group] = logits
+        assert out is not None
+        return out
+
+
+class _Arrival:
+    def __init__(self, batcher: MicroBatcher) -> None:
+        self.batcher, self.done = batcher, False
+
+    def __enter__(self) -> _Arrival:
+        with self.batcher._lock:
+            self.batcher._arriving += 1
+        return self
+
+    def submit(self, model: LoadedModel, prepared: list[Any]) -> Future[np.ndarray]:
+        return self.batcher.submit(model, prepared, self)
+
+    def __exit__(self, *exc: object) -> None:
+        with self.batcher._lock:
+            if not self.done:  # refused before it was queued
+                self.done = True
+                self.batcher._arriving -= 1
