@@ -13,7 +13,7 @@ echo "== promote: the gate re-evaluates challenger and champion on the same test
 "$BIN/transflow" promote "$MODEL" || echo "(gate refused: the champion stays as it was)"
 
 echo "== edge server on 127.0.0.1:$PORT (state in edge-state/)"
-"$BIN/transflow" edge serve --state-dir edge-state --host 127.0.0.1 --port "$PORT" --log-level warning &
+"$BIN/transflow-edge" serve --state-dir edge-state --host 127.0.0.1 --port "$PORT" --log-level warning &
 SERVER=$!
 trap 'kill "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null || true' EXIT
 for _ in $(seq 1 120); do
