@@ -416,3 +416,48 @@ def test_deleting_the_served_archive_with_none_left_rolls_the_site_back(
             time.sleep(0.05)
         assert version() == "1"
         assert client.get("/v1/model").json()["bundle_sha256"] == _sha(bundles["text1"])
+
+
+# ---------------------------------------------------------------- the admin token over the network
+
+
+def test_tls_listener_carries_the_admin_token_and_plain_http_warns(bundles: dict[str, Path], tmp_path: Path) -> None:
+    from transflow_edge.app import warn_plain_admin
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    port, log = free_port(), tmp_path / "tls.log"
+    (tmp_path / "token").write_text(TOKEN)
+    command = [sys.executable, "-m", "transflow_edge.cli", "serve", "--bundle", str(bundles["text1"])]
+    command += ["--port", str(port), "--tls-cert", str(cert), "--tls-key", str(key), "--threads", "1"]
+    command += ["--token-file", str(tmp_path / "token"), "--state-dir", str(tmp_path / "state")]
+    with log.open("w") as out:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=str(cert), timeout=30) as client:
+            deadline = time.monotonic() + 60
+            while True:
+                assert proc.poll() is None, log.read_text()
+                try:
+                    if client.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    assert time.monotonic() < deadline, log.read_text()
+                    time.sleep(0.2)
+            assert client.post("/v1/admin/rollback", headers=AUTH).status_code == 409  # authorised, nothing before
+        with pytest.raises(httpx.TransportError):  # no plain-HTTP answer on the TLS port
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    assert warn_plain_admin(Settings(token=TOKEN), "0.0.0.0")
+    assert not warn_plain_admin(Settings(token=TOKEN), "127.0.0.1")
+    assert not warn_plain_admin(Settings(token=TOKEN, tls_certfile=cert, tls_keyfile=key), "0.0.0.0")
+    assert not warn_plain_admin(Settings(), "0.0.0.0")
