@@ -24,7 +24,8 @@ def export_model(model_uri: str, out: str, tracking_uri: str | None = None) -> d
     workdir = Path(out)
     cfg = run_config(tracker, record, workdir / "run")
     verify_same_data(cfg.data, record, allow_unversioned=True)
-    adapter, model, meta = load_model_dir(tracker.download(f"models:/{name}/{version}", workdir / "registered"))
+    source = tracker.training_model_uri(f"models:/{name}/{version}")  # the run's model/, not the pyfunc
+    adapter, model, meta = load_model_dir(tracker.download(source, workdir / "registered"))
     dataset = load_dataset(cfg.data, seed=cfg.training.seed)
     encoded = encode_splits(adapter, dataset, ("test",))
     lineage = {k: v for k, v in record.tags.items() if not k.startswith(("onnx.", "bundle_", "exported"))}
@@ -39,4 +40,5 @@ def export_model(model_uri: str, out: str, tracking_uri: str | None = None) -> d
         meta["classes"],
         cfg.export,
         workdir / "export",
+        calibration_items=dataset.validation.items,  # the int8 ladder's static rungs calibrate on a slice of it
     )
