@@ -18,6 +18,7 @@ from prefect import flow, task
 from rich.console import Console
 from rich.table import Table
 
+from flows.prefect_artifacts import publish_retrain, retrain_run_name
 from flows.promote import auto_promote
 from flows.report import report_after_export
 from flows.train import MODEL_ARTIFACT, TRAINING_JSON, Trained, train_model, verify_data, workdir_of
@@ -25,18 +26,21 @@ from models.adapters import load_model_dir
 from runconfig import RunConfig, load_config
 from tasks.data import load_dataset
 from tasks.export import export_and_log
-from tasks.finetune import LIVE, encode_splits
+from tasks.finetune import encode_splits
 from tasks.lineage import collect_lineage
+from tasks.prefect_options import LIVE
+from tasks.run_conventions import dataset_input, source_tags, version_description
 from tasks.tracking import Tracker, resolve_tracking_uri
 
 console = Console()
+ENTRY_POINT = "flows/retrain.py"  # mlflow.source.name of every retraining run
 
 
 class TrainDeploymentError(RuntimeError):
     """The `train` deployment's run did not complete; the message carries its state and message."""
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=True, flow_run_name=retrain_run_name)
 def retrain(
     config_path: str,
     overrides: list[str] | None = None,
@@ -67,9 +71,12 @@ def retrain_from_config(
     lineage = collect_lineage(cfg.data.dvc_file, cfg.config_hash()) | {"backbone": cfg.backbone.uri}
     if cfg.backbone.uri.startswith("models:/"):  # pin what the alias meant at training time
         lineage["backbone_version"] = "/".join(tracker.resolve_version(cfg.backbone.uri))
-    run_id = tracker.start_run(cfg.registry.experiment, cfg.name, lineage)
+    run_id = tracker.start_run(cfg.registry.experiment, cfg.name, lineage | source_tags(lineage, ENTRY_POINT))
     try:
         tracker.log_params(run_id, cfg.resolved())
+        dataset = dataset_input(cfg.data.dvc_file, cfg.data.path, version, lineage["git_commit"])
+        if dataset:
+            tracker.log_dataset(run_id, **dataset, context="train")
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(cfg.resolved(), indent=2) + "\n")
         tracker.log_artifacts(run_id, workdir / "config.json")
@@ -84,6 +91,7 @@ def retrain_from_config(
         path.write_text(json.dumps(summary, indent=2) + "\n")
         tracker.log_artifacts(run_id, path)
         tracker.end_run(run_id)
+        publish_retrain(summary, tracker.client.get_run(run_id).info.experiment_id)  # the Prefect UI's view
     except BaseException:
         with contextlib.suppress(Exception):  # the tracking server may be what failed: keep the first error
             tracker.end_run(run_id, "FAILED")
@@ -146,9 +154,12 @@ def load_trained(cfg: RunConfig, tracker: Tracker, run_id: str, into: Path) -> T
 
 
 @task(retries=2, retry_delay_seconds=5, **LIVE)
-def register_model(tracker: Tracker, run_id: str, model_name: str, tags: dict[str, str]) -> str:
-    """Register the run's `model/` artifact (idempotent by run id) as `challenger`."""
-    return tracker.register(run_id, model_name, MODEL_ARTIFACT, tags)
+def register_model(tracker: Tracker, run_id: str, model_name: str, tags: dict[str, str], pyfunc: bool = True) -> str:
+    """Register the run's MLflow model (idempotent by run id) as `challenger`: a LoggedModel that the export fills
+    with the pyfunc over the verified bundle. Without an export (`pyfunc=False`) the run's training-format
+    `model/` directory is registered as before: not loadable by `mlflow.pyfunc`, and never promotable."""
+    model_id = tracker.create_logged_model(run_id) if pyfunc else None
+    return tracker.register(run_id, model_name, MODEL_ARTIFACT, tags, model_id=model_id)
 
 
 def register_export_promote(
@@ -162,7 +173,7 @@ def register_export_promote(
             f"test_{metric}": f"{results['test'][metric]:.4f}",
             "classes": json.dumps(results["classes"]),
         }
-        version = register_model(tracker, run_id, cfg.registry.model_name, version_tags)
+        version = register_model(tracker, run_id, cfg.registry.model_name, version_tags, cfg.export.enabled)
         if cfg.export.enabled:
             exported = export_and_log(
                 tracker,
@@ -183,6 +194,10 @@ def register_export_promote(
                     tracker, cfg.registry.model_name, version, workdir / "export" / "report",
                     (trained.model, trained.adapter), workdir / "report-work",
                 )  # fmt: skip
+    if version:  # metrics against the run's baselines and the data version, on the registry page
+        tags = tracker.client.get_run(run_id).data.tags  # baselines.* are set by the training step
+        description = version_description(results | {"run_id": run_id}, metric, tags.get("data_version", ""), tags)
+        tracker.describe_version(cfg.registry.model_name, version, description)
     if version and cfg.registry.auto_promote:
         promotion = auto_promote(tracker, cfg.registry.model_name, version, cfg.training.device, workdir)
     return {

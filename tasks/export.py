@@ -276,6 +276,10 @@ def export_and_log(
     tracker.log_artifacts(run_id, Path(report.bundle_tar), folder)
     tracker.log_onnx(run_id, Path(report.bundle_dir) / "model.onnx", out_dir)
     tracker.tag_version(str(meta["name"]), str(meta["version"]), version_tags(report))
+    # The registered MLflow model: a pyfunc over this bundle, with the shipped model's test scores linked to it.
+    shipped = report.int8 if report.int8_shipped else report.fp32
+    linked = {f"test_{k}": v for k, v in shipped.items()} | {"onnx_fp32_max_abs_diff": report.fp32_max_abs_diff}
+    tracker.log_pyfunc(str(meta["name"]), str(meta["version"]), Path(report.bundle_dir), out_dir, linked)
     return report_dict(report)
 
 

@@ -69,7 +69,9 @@ def load_backbone(
     seed_everything(seed)
     source = cfg.uri
     if source.startswith("models:/"):
-        source = str(tracker.download(source, workdir / "backbone"))
+        # A pretrained backbone is registered as a plain directory; a fine-tuned task model as a pyfunc whose
+        # training-format directory is its run's model/ artifact: training_model_uri finds either.
+        source = str(tracker.download(tracker.training_model_uri(source), workdir / "backbone"))
     adapter = make_adapter(modality, cfg.model_dump())
     return adapter, adapter.build(source, num_labels)
 

@@ -7,6 +7,7 @@ Default store: `mlflow/store/mlflow.db` (sqlite) with artifacts in `mlflow/store
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -16,6 +17,9 @@ from typing import Any
 DEFAULT_STORE = Path("mlflow/store")
 CHALLENGER = "challenger"
 LINEAGE_KEYS = ("data_version", "git_commit", "git_dirty", "config_hash", "backbone")
+PYFUNC_NAME = "pyfunc"  # the LoggedModel of a run that its registered version points at
+# MLflow's "model from code" file: outside every product package, so the edge package never imports MLflow.
+PYFUNC_CODE = Path(__file__).resolve().parents[1] / "mlflow" / "transflow_pyfunc.py"
 
 
 def resolve_tracking_uri(configured: str | None = None) -> str:
@@ -85,9 +89,16 @@ class Tracker:
             self.client.log_artifact(run_id, str(local), artifact_path)
 
     def register(
-        self, run_id: str, model_name: str, artifact_path: str, tags: dict[str, str], alias: str = CHALLENGER
+        self,
+        run_id: str,
+        model_name: str,
+        artifact_path: str,
+        tags: dict[str, str],
+        alias: str = CHALLENGER,
+        model_id: str | None = None,
     ) -> str:
-        """Register `runs:/<run_id>/<artifact_path>` as a new version with `alias` (default `challenger`).
+        """Register `runs:/<run_id>/<artifact_path>` as a new version with `alias` (default `challenger`); with
+        `model_id`, register that LoggedModel instead (its artifact location is the version's source).
 
         Idempotent by run id: a retried or re-run registration returns the version it made before.
         """
@@ -103,8 +114,15 @@ class Tracker:
         if existing:
             version = existing[0].version
         else:
-            source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-            version = client.create_model_version(model_name, source, run_id=run_id, tags=tags).version
+            if model_id:  # the location itself, not models:/<id>: MLflow would resolve that on its global URI
+                source = client.get_logged_model(model_id).artifact_location
+            else:
+                source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+            version = client.create_model_version(
+                model_name, source, run_id=run_id, tags=tags, model_id=model_id
+            ).version
+            if model_id:
+                self._link_version(model_id, model_name, str(version))
         for key, value in tags.items():
             client.set_model_version_tag(model_name, version, key, value)
         if alias.lower() != "latest":  # MLflow reserves @latest: it always means the newest version
@@ -122,6 +140,89 @@ class Tracker:
         shutil.rmtree(out, ignore_errors=True)
         mlflow.onnx.save_model(onnx.load(str(onnx_path)), str(out))
         self.log_artifacts(run_id, out, artifact_path)
+
+    # --- the registered version as an MLflow model: a pyfunc over the verified ONNX bundle ---------------------
+
+    def create_logged_model(self, run_id: str, name: str = PYFUNC_NAME) -> str:
+        """An empty LoggedModel of the run, registered before it is filled (`log_pyfunc`): the bundle's manifest
+        names the version, so the version must exist before the bundle that becomes the model."""
+        run = self.client.get_run(run_id)
+        found = self.client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{name}'"
+        )
+        if found:  # a retried task reuses the model it created
+            return found[0].model_id
+        return self.client.create_logged_model(
+            run.info.experiment_id, name=name, source_run_id=run_id, model_type="transflow-onnx-bundle"
+        ).model_id
+
+    def log_pyfunc(
+        self, model_name: str, version: str, bundle_dir: Path, workdir: Path, metrics: dict[str, float]
+    ) -> str | None:
+        """Fill the version's LoggedModel: MLmodel (pyfunc, model from code), the bundle as its one artifact,
+        signature and input example from the bundle's golden inputs, `metrics` linked to it; mark it READY.
+        None for a version that has no LoggedModel (a plain directory: a backbone, or export disabled)."""
+        import shutil
+        from importlib.metadata import version as installed
+
+        import mlflow
+        import pandas as pd
+        from mlflow.entities import LoggedModelOutput, Metric
+        from mlflow.models import Model
+        from transflow_edge import mlflow_model
+
+        mv = self.client.get_model_version(model_name, version)
+        if not _model_id(mv):
+            return None
+        logged = self.client.get_logged_model(_model_id(mv))
+        out = workdir / "pyfunc"
+        shutil.rmtree(out, ignore_errors=True)
+        mlflow.pyfunc.save_model(
+            str(out),
+            python_model=str(PYFUNC_CODE),
+            artifacts={mlflow_model.BUNDLE_KEY: str(bundle_dir)},
+            input_example=pd.DataFrame(mlflow_model.input_example(bundle_dir)),
+            # Named, not inferred: inference re-imports the model in a subprocess (slow) and cannot see that
+            # transflow-edge is what the code needs.
+            pip_requirements=[f"mlflow=={mlflow.__version__}", f"transflow-edge=={installed('transflow-edge')}"],
+            mlflow_model=Model(
+                artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=mv.run_id,
+                model_id=logged.model_id,
+            ),
+        )  # fmt: skip
+        self.client.log_model_artifacts(logged.model_id, str(out))
+        now = int(time.time() * 1000)
+        rows = [Metric(k, float(v), now, 0, run_id=mv.run_id, model_id=logged.model_id) for k, v in metrics.items()]
+        self.client.log_batch(mv.run_id, metrics=rows, synchronous=True)
+        self.client.log_outputs(mv.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        self.client.finalize_logged_model(logged.model_id, "READY")
+        return logged.model_id
+
+    def training_model_uri(self, model_uri: str, artifact_path: str = "model") -> str:
+        """Where a registered version's training-format directory is (to fine-tune on, use as a backbone, or
+        re-evaluate): the run's `model/` artifact for a pyfunc version, the version itself for a plain one."""
+        name, version = self.resolve_version(model_uri)
+        mv = self.client.get_model_version(name, version)
+        return f"runs:/{mv.run_id}/{artifact_path}" if _model_id(mv) and mv.run_id else f"models:/{name}/{version}"
+
+    def _link_version(self, model_id: str, name: str, version: str) -> None:
+        """The LoggedModel lists its registered versions (`mlflow.modelVersions`, as `log_model` records it): a
+        tracking server does it on registration, a local store does not."""
+        found = json.loads(self.client.get_logged_model(model_id).tags.get("mlflow.modelVersions") or "[]")
+        if {"name": name, "version": int(version)} not in found and {"name": name, "version": version} not in found:
+            found.append({"name": name, "version": int(version)})
+            self.client.set_logged_model_tags(model_id, {"mlflow.modelVersions": json.dumps(found)})
+
+    def describe_version(self, model_name: str, version: str, description: str) -> None:
+        self.client.update_model_version(model_name, version, description=description)
+
+    def log_dataset(self, run_id: str, name: str, digest: str, source: dict[str, str], context: str) -> None:
+        """A DVC data version as the run's dataset input (MLflow has no DVC source type: source is a JSON pointer;
+        the digest keeps MLflow's 36-character limit, enough for the 32-hex md5)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        dataset = Dataset(name, digest[:36], "dvc", json.dumps(source, sort_keys=True))
+        self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
     def tag_version(self, model_name: str, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -275,6 +376,15 @@ class RunRecord:
     status: str
     start_time: int
     tags: dict[str, str]
+
+
+def _model_id(mv: Any) -> str | None:
+    """The LoggedModel a version was registered from. SQL stores keep no `model_id` column, so it is read back
+    from the source, which is the LoggedModel's artifact location (`…/models/m-<id>/artifacts`)."""
+    import re
+
+    found = re.search(r"/models/(m-[0-9a-f]{32})/artifacts/?$", mv.source or "")
+    return mv.model_id or (found.group(1) if found else None)
 
 
 def _missing(exc: Exception) -> bool:
