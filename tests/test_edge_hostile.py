@@ -7,7 +7,7 @@ each case is refused with a 4xx while the server stays responsive and its memory
   through the admin upload and through the watched folder;
 - an oversized image, a format outside the allow-list, a bundle declaring `image_size: 6000`;
 - malformed manifests: 422 naming the field;
-- a body sent byte by byte: 408 after the body deadline;
+- a body sent byte by byte: 408 after the body deadline; a head sent byte by byte: connection closed;
 - a crash between every step of a swap leaves a state whose rollback serves the true previous bundle;
 - a watched folder whose served archive is deleted, none left: the site serves its previous bundle again.
 """
@@ -119,7 +119,7 @@ def text_server(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     server = Server(
         work,
         *("--bundle", str(bundles["text1"]), "--state-dir", str(work / "state")),
-        *("--watch-dir", str(work / "drop"), "--watch-interval", "0.1", "--body-timeout", "2"),
+        *("--watch-dir", str(work / "drop"), "--watch-interval", "0.1", "--body-timeout", "2", "--head-timeout", "1"),
     )
     server.drop = work / "drop"  # type: ignore[attr-defined]
     yield server
@@ -229,6 +229,26 @@ def test_body_sent_byte_by_byte_gets_408(text_server: Server) -> None:
             answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert time.monotonic() - started < 5
+    assert text_server.client.get("/healthz").status_code == 200
+
+
+def test_a_head_sent_byte_by_byte_is_cut_off(text_server: Server) -> None:
+    with socket.create_connection(("127.0.0.1", text_server.port)) as sock:
+        started, closed = time.monotonic(), False
+        for byte in b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 40:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            sock.settimeout(0.2)
+            try:
+                if sock.recv(4096) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+        assert closed and time.monotonic() - started < 4, "a trickled request head kept its connection"
     assert text_server.client.get("/healthz").status_code == 200
 
 

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from transflow_edge import __version__, schemas, v2
 from transflow_edge.bundle import BundleError
-from transflow_edge.guards import BodyDeadline
+from transflow_edge.guards import BodyDeadline, head_deadline_protocol
 from transflow_edge.metrics import MetricsMiddleware
 from transflow_edge.model import LoadedModel
 from transflow_edge.parsing import (
@@ -223,7 +223,7 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "limit_concurrency": settings.max_connections,
         "timeout_keep_alive": settings.keep_alive_s,
         "h11_max_incomplete_event_size": settings.max_header_bytes,
-        "http": "h11",  # the one implementation whose head-size limit we set
+        "http": head_deadline_protocol(settings.head_timeout_s),  # h11, with a deadline on the request head
         "server_header": False,
         "timeout_graceful_shutdown": 10,
     }

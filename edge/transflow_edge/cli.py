@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--parse-workers", type=int, default=4, help="threads that parse bodies and decode inputs")
     add("--max-connections", type=int, default=256, help="open connections + running requests; above: 503")
     add("--body-timeout", type=float, default=30.0, help="seconds a client may take to send a request body")
+    add("--head-timeout", type=float, default=10.0, help="seconds a client may take to send a request head")
     add("--keep-alive", type=float, default=5.0, help="seconds an idle keep-alive connection stays open")
     add("--tls-cert", type=Path, help="PEM certificate: serve HTTPS (with --tls-key)")
     add("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -79,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parse_workers=args.parse_workers,
             max_connections=args.max_connections,
             body_timeout_s=args.body_timeout,
+            head_timeout_s=args.head_timeout,
             keep_alive_s=args.keep_alive,
             tls_certfile=args.tls_cert,
             tls_keyfile=args.tls_key,

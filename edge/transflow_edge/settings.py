@@ -7,7 +7,7 @@ Limits against hostile clients, and where each is enforced:
 - image formats (`image_formats`) and decoded pixels (`max_image_pixels`, derived from the model's input size
   unless given): read from the image header, before decoding;
 - parsing and decoding run on at most `parse_workers` threads, never on the event loop;
-- body read time (`body_timeout_s`): a body not complete in time is answered 408;
+- request head time (`head_timeout_s`: the connection is closed) and body read time (`body_timeout_s`: 408);
 - connections (`max_connections`: uvicorn's limit_concurrency, 503 above it), idle keep-alive
   (`keep_alive_s`), request-head size (`max_header_bytes`: h11's incomplete-event limit).
 """
@@ -50,6 +50,7 @@ class Settings:
     image_formats: tuple[str, ...] = IMAGE_FORMATS
     parse_workers: int = 4  # threads that parse bodies and decode inputs (bounds their CPU and memory)
     body_timeout_s: float = 30.0  # a request body must arrive within this time
+    head_timeout_s: float = 10.0  # a request line + headers must arrive within this time
     max_connections: int = 256  # open connections + running requests; above it new requests get 503
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this time
     max_header_bytes: int = 16 << 10  # request line + headers
@@ -64,8 +65,9 @@ class Settings:
             raise ValueError("limits and batch sizes must be positive")
         if self.max_wait_ms < 0 or self.intra_op_threads < 0:
             raise ValueError("max_wait_ms and intra_op_threads must not be negative")
-        if min(self.watch_interval_s, self.body_timeout_s, self.keep_alive_s) <= 0 or self.max_image_pixels < 0:
-            raise ValueError("watch_interval_s, body_timeout_s and keep_alive_s must be positive")
+        timeouts = (self.watch_interval_s, self.body_timeout_s, self.head_timeout_s, self.keep_alive_s)
+        if min(timeouts) <= 0 or self.max_image_pixels < 0:
+            raise ValueError("intervals and timeouts must be positive, max_image_pixels not negative")
         if (self.tls_certfile is None) != (self.tls_keyfile is None):
             raise ValueError("give both tls_certfile and tls_keyfile, or neither")
 
