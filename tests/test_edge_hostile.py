@@ -414,6 +414,39 @@ def test_a_crash_at_any_step_of_a_swap_leaves_a_rollback_to_the_true_previous(
         assert client.get("/v1/model").json()["bundle_sha256"] == shas[previous]
 
 
+def test_a_rollback_is_not_held_up_by_an_upload_being_checked(bundles: dict[str, Path], tmp_path: Path) -> None:
+    shas = {v: _sha(bundles[f"text{v}"]) for v in ("1", "2", "3")}
+    app = create_app(Settings(bundle=bundles["text1"], state_dir=tmp_path / "state", token=TOKEN, intra_op_threads=1))
+    edge = app.state.edge
+    edge.install(bundles["text2"], "upload")  # serving 2, previous 1
+    checking, real_load = threading.Event(), edge._load
+
+    def slow_load(bundle):  # type: ignore[no-untyped-def]
+        checking.set()
+        time.sleep(3)  # a big bundle's golden check on a small box
+        return real_load(bundle)
+
+    edge._load = slow_load
+    archive = pack(bundles["text3"], tmp_path / "text3.tar.gz").read_bytes()
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as client:
+        uploaded: list[httpx.Response] = []
+        upload = threading.Thread(
+            target=lambda: uploaded.append(client.post("/v1/admin/bundles", content=archive, headers=AUTH))
+        )
+        upload.start()
+        assert checking.wait(10)
+        edge._load = real_load
+        started = time.monotonic()
+        with httpx.Client(base_url=url, timeout=60) as other:
+            rolled = other.post("/v1/admin/rollback", headers=AUTH)
+        assert rolled.status_code == 200 and rolled.json()["bundle_sha256"] == shas["1"]
+        assert time.monotonic() - started < 2, "the rollback waited for the upload check"
+        upload.join(timeout=30)
+        assert uploaded[0].status_code == 200 and uploaded[0].json()["bundle_sha256"] == shas["3"]
+        info = client.get("/v1/model").json()
+        assert info["bundle_sha256"] == shas["3"] and info["previous_bundle_sha256"] == shas["1"]
+
+
 def test_deleting_the_served_archive_with_none_left_rolls_the_site_back(
     bundles: dict[str, Path], tmp_path: Path
 ) -> None:
