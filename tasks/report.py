@@ -38,7 +38,7 @@ from tasks.registered_version import (
     verify_same_data,
 )
 from tasks.registry_gate import Check, baseline_check, compare, significance_check, tag_checks
-from tasks.report_render import render_html, render_markdown
+from tasks.report_render import plots, render_html, render_markdown
 from tasks.report_speed import cpu_info, file_sizes, measure_latency
 from tasks.report_stats import compare_predictions
 from tasks.tracking import Tracker, VersionRecord
@@ -143,11 +143,14 @@ def assemble(
 
 
 def write_report(report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """report.json, report.md, report.html; returns their paths and the sha256 of the HTML page."""
+    """report.json, report.md, report.html and the plots as SVG files; returns paths and the HTML page's sha256."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out_dir / "report.md").write_text(render_markdown(report))
-    html = render_html(report)
+    svgs = plots(report)
+    for name, svg in svgs.items():  # the same plots as files: MLflow's artifact view shows them
+        (out_dir / name).write_text(svg)
+    html = render_html(report, svgs)
     (out_dir / "report.html").write_text(html)
     return {"dir": str(out_dir), "html": str(out_dir / "report.html"),
             "sha256": hashlib.sha256(html.encode()).hexdigest(), "bytes": len(html.encode())}  # fmt: skip

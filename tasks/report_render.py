@@ -197,9 +197,16 @@ def _html_table(head: list[str], rows: list[list[Any]], classes: list[str] | Non
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def render_html(r: dict[str, Any]) -> str:
-    h, e, b = r["header"], r["export"], r["baselines"]
+def plots(r: dict[str, Any]) -> dict[str, str]:
+    """Each plot once, as SVG text: inlined in the HTML and also written as files (MLflow shows them)."""
     classes = sorted(p["class"] for p in r["comparison"]["per_class"])
+    return {"per_class_f1.svg": plot_per_class(r), "confusion.svg": plot_confusions(r, classes),
+            "latency.svg": plot_latency(r)}  # fmt: skip
+
+
+def render_html(r: dict[str, Any], svgs: dict[str, str] | None = None) -> str:
+    svgs = svgs or plots(r)
+    h, e, b = r["header"], r["export"], r["baselines"]
     passed = all(v["ok"] for v in r["verdict"])
     verdict = "".join(
         f'<li id="line-{escape(v["name"])}"><code>{escape(v["name"])}</code> <span class='
@@ -218,7 +225,7 @@ def render_html(r: dict[str, Any]) -> str:
         '<section id="comparison"><h2>Challenger vs champion</h2><ul>'
         + "".join(f"<li>{escape(s)}</li>" for s in summary_lines(r)) + "</ul>"
         + _html_table(["class", "support", "challenger F1 %", "champion F1 %", "Δ pt"], per_class_rows(r))
-        + plot_per_class(r) + plot_confusions(r, classes) + "</section>",
+        + svgs["per_class_f1.svg"] + svgs["confusion.svg"] + "</section>",
         '<section id="baselines"><h2>Baselines</h2>'
         f"<p>baselines.passed: <b>{escape(str(b['passed']))}</b>; {escape(b['detail'] or 'no baselines recorded')}</p>"
         + (f"<p>Selected stage {escape(str(stage.get('name')))}: {escape(str(stage.get('why')))}</p>" if stage else "")
@@ -231,7 +238,7 @@ def render_html(r: dict[str, Any]) -> str:
         + (f"<p>int8 vs fp32, F1 drop per class (points):</p>{_html_table(*int8_class_rows(r))}"
            if int8_class_rows(r)[1] else "") + "</section>",
         f'<section id="speed"><h2>Speed and size</h2><p>CPU: {escape(isa_label(r["speed"]["cpu"]))}</p>'
-        + _html_table(["runtime", "batch", "p50 ms", "p95 ms", "CPU ISA"], latency_rows(r)) + plot_latency(r)
+        + _html_table(["runtime", "batch", "p50 ms", "p95 ms", "CPU ISA"], latency_rows(r)) + svgs["latency.svg"]
         + _html_table(["file", "bytes"], [[s["file"], s["bytes"]] for s in r["speed"]["sizes"]]) + "</section>",
         '<section id="lineage"><h2>Lineage</h2>'
         + _html_table(["", ""], [[k, v] for k, v in r["lineage"].items() if k != "libraries"])
