@@ -52,7 +52,7 @@ def verify_data(dvc_file: Path | None) -> str:
     """Fail before any training if the data on disk is not the version `data.dvc` pins."""
     if dvc_file is None:
         return "unversioned"
-    report = data_tasks.verify_data(dvc_file)
+    report = data_tasks.ensure_data(dvc_file)  # a worker without the pinned data pulls it (`dvc pull`) first
     if not report.ok:
         raise data_tasks.DataError(f"data does not match {dvc_file}:\n" + "\n".join(report.problems[:20]))
     return report.version

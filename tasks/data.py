@@ -27,6 +27,10 @@ class DataError(ValueError):
     """Data that cannot be used as configured; the message names the file or split."""
 
 
+class DataNotFound(DataError):
+    """The DVC file (or what it pins) is not there: bad input (CLI exit 2), not a failed check."""
+
+
 # --- DVC --------------------------------------------------------------------------------------
 
 
@@ -46,7 +50,7 @@ class DvcPin:
 
 def read_pin(dvc_file: Path) -> DvcPin:
     if not dvc_file.is_file():
-        raise DataError(f"{dvc_file} not found: run `transflow data prepare` (or `dvc pull`) first")
+        raise DataNotFound(f"{dvc_file} not found: run `transflow data prepare` (or `dvc pull`) first")
     doc = yaml.safe_load(dvc_file.read_text()) or {}
     outs = doc.get("outs") or []
     if len(outs) != 1 or "md5" not in outs[0]:
@@ -68,9 +72,10 @@ def md5_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def tree_entries(root: Path) -> list[dict[str, str]]:
-    """DVC's listing of a directory: sorted {md5, relpath} of every file (DVC 3, plain md5)."""
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+def tree_entries(root: Path, layout: DvcLayout | None = None) -> list[dict[str, str]]:
+    """DVC's listing of a directory: sorted {md5, relpath} of every file DVC tracks (DVC 3, plain md5): files
+    and folders its `.dvcignore` ignores are left out, as `dvc add` leaves them out."""
+    files = layout.files(root) if layout else sorted(p for p in root.rglob("*") if p.is_file())
     return [{"md5": md5_file(p), "relpath": p.relative_to(root).as_posix()} for p in files]
 
 
@@ -80,8 +85,41 @@ def tree_md5(entries: list[dict[str, str]]) -> str:
     return hashlib.md5(json.dumps(listing, sort_keys=True).encode("utf-8")).hexdigest() + ".dir"
 
 
-def cache_object(repo_root: Path, md5: str) -> Path:
-    return repo_root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+@dataclass
+class DvcLayout:
+    """What DVC itself says about a repo (its own API, so the answer is DVC's): the cache directory configured in
+    `.dvc/config`/`config.local` (`dvc cache dir …`), the `.dvcignore` rules, and the default remote."""
+
+    root: Path
+    cache: Path  # <cache dir>/files/md5
+    repo: Any = None  # dvc.repo.Repo, or None outside a DVC repo
+
+    def files(self, top: Path) -> list[Path]:
+        if self.repo is None:
+            return sorted(p for p in top.rglob("*") if p.is_file())
+        found = []
+        for folder, _, names in self.repo.dvcignore.walk(self.repo.fs, str(top.resolve())):
+            found += [Path(folder) / n for n in names]
+        return sorted(p for p in found if p.is_file())
+
+    def has_remote(self) -> bool:
+        return bool(self.repo is not None and self.repo.config.get("core", {}).get("remote"))
+
+
+def dvc_layout(repo_root: Path) -> DvcLayout:
+    """The repo's layout from DVC; outside a DVC repo, DVC's defaults (`.dvc/cache`, nothing ignored)."""
+    default = DvcLayout(repo_root, repo_root / ".dvc" / "cache" / "files" / "md5")
+    if not (repo_root / ".dvc").is_dir():
+        return default
+    from dvc.repo import Repo
+
+    repo = Repo(str(repo_root.resolve()))
+    return DvcLayout(repo_root, Path(repo.cache.local.path), repo)
+
+
+def cache_object(repo_root: Path | DvcLayout, md5: str) -> Path:
+    layout = repo_root if isinstance(repo_root, DvcLayout) else dvc_layout(repo_root)
+    return layout.cache / md5[:2] / md5[2:]
 
 
 @dataclass
@@ -95,14 +133,16 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_data(dvc_file: Path) -> VerifyReport:
-    """Re-hash the tracked directory; name every changed, missing or extra file and corrupt cache object."""
+def verify_data(dvc_file: Path, layout: DvcLayout | None = None) -> VerifyReport:
+    """Re-hash the tracked directory (minus what `.dvcignore` ignores); name every changed, missing or extra
+    file and corrupt cache object, looking in the cache directory DVC is configured with."""
     pin = read_pin(dvc_file)
     if not pin.path.is_dir():
         return VerifyReport(pin.version, "missing", [f"{pin.path}: directory missing (run `dvc pull`)"])
-    entries = tree_entries(pin.path)
+    layout = layout or dvc_layout(dvc_file.parent)
+    entries = tree_entries(pin.path, layout)
     report = VerifyReport(pin.version, tree_md5(entries).removesuffix(".dir"))
-    expected = _pinned_listing(dvc_file.parent, pin)
+    expected = _pinned_listing(layout, pin)
     if expected is None:
         if report.actual != pin.version:
             report.problems.append(
@@ -116,21 +156,34 @@ def verify_data(dvc_file: Path) -> VerifyReport:
         elif actual[rel] != md5:
             report.problems.append(f"{pin.path / rel}: content changed (md5 {actual[rel]}, pinned {md5})")
         else:
-            obj = cache_object(dvc_file.parent, md5)
+            obj = cache_object(layout, md5)
             if obj.is_file() and md5_file(obj) != md5:
                 report.problems.append(f"{obj}: DVC cache object for {pin.path / rel} is corrupted")
     report.problems += [f"{pin.path / rel}: not in the pinned version" for rel in sorted(set(actual) - set(expected))]
     return report
 
 
-def _pinned_listing(repo_root: Path, pin: DvcPin) -> dict[str, str] | None:
-    obj = cache_object(repo_root, pin.md5)
+def _pinned_listing(layout: DvcLayout, pin: DvcPin) -> dict[str, str] | None:
+    obj = cache_object(layout, pin.md5)
     if not obj.is_file():
         return None
     raw = obj.read_bytes()
     if hashlib.md5(raw).hexdigest() + ".dir" != pin.md5:
         raise DataError(f"{obj}: DVC cache listing for {pin.path} is corrupted")
     return {e["relpath"]: e["md5"] for e in json.loads(raw)}
+
+
+def ensure_data(dvc_file: Path) -> VerifyReport:
+    """verify_data, but a machine that lacks the pinned data (a fresh worker) first pulls it from the DVC remote.
+    Only missing data is pulled: a changed or extra file is the user's work, never overwritten; it fails."""
+    layout = dvc_layout(dvc_file.parent)
+    report = verify_data(dvc_file, layout)
+    missing_only = report.problems and all(p.endswith(("missing", "missing (run `dvc pull`)")) for p in report.problems)
+    if report.ok or not missing_only or not layout.has_remote():
+        return report
+    dvc = shutil.which("dvc") or str(Path(__file__).resolve().parents[1] / ".venv" / "bin" / "dvc")
+    _run([dvc, "pull", "--quiet", str(dvc_file.resolve())], dvc_file.parent)
+    return verify_data(dvc_file, layout)
 
 
 def dvc_track(data_dir: Path, repo_root: Path) -> DvcPin:
