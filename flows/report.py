@@ -43,12 +43,13 @@ def report_after_export(
 ) -> dict[str, Any]:
     """The retraining flow's report step, against the current champion. A report that cannot be built (e.g. the
     data is not DVC-versioned, so no test split can be proven the same) is recorded, not raised: the version is
-    registered and exported either way, and the gate says what is missing if it requires significance."""
+    registered and exported either way, and the gate says what is missing if it requires significance. Any other
+    failure is printed and recorded the same way (the tests build real reports, so a bug cannot hide there)."""
     try:
         written = build_version_report(tracker, name, version, out_dir, CHAMPION, work=work, live=live)
-    except RegistryError as exc:
-        print(f"candidate report of {name} v{version} not built: {exc}")
-        return {"error": str(exc)}
+    except Exception as exc:  # the version is registered and exported: a failed report must not lose the run
+        print(f"candidate report of {name} v{version} NOT built: {type(exc).__name__}: {exc}")
+        return {"error": f"{type(exc).__name__}: {exc}"}
     publish(out_dir, name, version)
     return written
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -103,7 +102,3 @@ def test_html_is_self_contained(two_versions: tuple) -> None:
     assert not re.search(r"""(src|href)\s*=\s*["'](?!#|data:)""", html)
     assert not re.search(r"url\((?!#)", html), "only in-page references (SVG clip paths)"
     assert "@import" not in html and "<script" not in html
-
-
-def decision_of(summary: dict[str, Any]) -> dict[str, Any]:
-    return summary["promotion"]
