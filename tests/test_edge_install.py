@@ -28,7 +28,9 @@ def test_edge_distribution_installs_and_serves_without_torch(tmp_path: Path) -> 
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     started = time.monotonic()
-    subprocess.run([*pip, "-c", str(ROOT / "requirements" / "constraints.txt"), str(source)], check=True, timeout=900)
+    constraints = str(ROOT / "requirements" / "constraints.txt")
+    # cwd elsewhere: `python -m pip` run in the checkout would see its transflow.egg-info
+    subprocess.run([*pip, "-c", constraints, str(source)], cwd=tmp_path, check=True, timeout=900)
     install_s = time.monotonic() - started
     python = str(venv / "bin" / "python")
     for module in HEAVY:
