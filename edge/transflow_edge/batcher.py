@@ -137,34 +137,38 @@ class MicroBatcher:
         live = [j for j in jobs if j.future.set_running_or_notify_cancel()]  # clients that went away drop out
         for model in {id(j.model): j.model for j in live}.values():
             group = [j for j in live if j.model is model]
-            items = [p for j in group for p in j.prepared]
             try:
-                logits = self._logits(model, items, len(group))
+                self._run_calls(model, group)
             except Exception as exc:  # hand the failure to each waiting request, keep the worker alive
                 for j in group:
-                    j.future.set_exception(exc)
-                continue
-            offset = 0
-            for j in group:
-                j.future.set_result(logits[offset : offset + len(j.prepared)])
-                offset += len(j.prepared)
+                    if not j.future.done():
+                        j.future.set_exception(exc)
 
-    def _logits(self, model: LoadedModel, items: list[Any], requests: int) -> np.ndarray:
+    def _run_calls(self, model: LoadedModel, jobs: list[_Job]) -> None:
+        """The jobs' items in as few calls as pay; each request is answered as soon as its own items are done
+        (shortest texts first), not when the whole batch is."""
+        items = [p for j in jobs for p in j.prepared]
+        owner = [k for k, j in enumerate(jobs) for _ in j.prepared]
+        starts = np.cumsum([0] + [len(j.prepared) for j in jobs])
+        remaining = [len(j.prepared) for j in jobs]
         padded = model.modality == "text" and getattr(model.preprocessor, "padding", "") == "longest"
         if padded:
-            groups = length_groups([len(ids) for ids, _ in items], self.max_batch)
+            calls = length_groups([len(ids) for ids, _ in items], self.max_batch)
         else:
-            groups = [list(range(i, min(i + self.max_batch, len(items)))) for i in range(0, len(items), self.max_batch)]
+            calls = [list(range(i, min(i + self.max_batch, len(items)))) for i in range(0, len(items), self.max_batch)]
         out: np.ndarray | None = None
-        for group in groups:
+        for call in calls:
             began = time.perf_counter()
-            logits = model.logits([items[i] for i in group])
-            self.on_batch(len(group), requests, time.perf_counter() - began)
+            logits = model.logits([items[i] for i in call])
+            self.on_batch(len(call), len(jobs), time.perf_counter() - began)
             if out is None:
                 out = np.empty((len(items), *logits.shape[1:]), dtype=logits.dtype)
-            out[group] = logits
-        assert out is not None
-        return out
+            out[call] = logits
+            for i in call:
+                k = owner[i]
+                remaining[k] -= 1
+                if remaining[k] == 0:
+                    jobs[k].future.set_result(out[starts[k] : starts[k + 1]].copy())
 
 
 class _Arrival:
