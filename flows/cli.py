@@ -1,13 +1,20 @@
 """`transflow`: the command line. Parses arguments, builds the RunConfig, calls flows; nothing more.
 
 Heavy libraries (torch, mlflow, prefect) are imported inside commands so `--help` stays instant.
+Exit codes (every command): 0 ok, 1 refused or a failed check, 2 bad input; errors are one line on stderr
+(`flows/cli_errors.py`). `--json` prints the result for scripts on stdout, everything else goes to stderr.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -15,9 +22,11 @@ from rich.table import Table
 
 from flows.cli_deploy import deploy_cmd
 from flows.cli_edge import edge_app
+from flows.cli_errors import EXIT_BAD_INPUT, fail, run_cli
 from flows.cli_registry import lineage_cmd, promote_cmd, rollback_cmd
 from flows.cli_report import report_cmd
 from flows.cli_schedule import schedule_app
+from flows.cli_ui import ui_cmd, use_local_ui
 from flows.prefect_env import apply_prefect_defaults
 from runconfig import ConfigError, DataConfig, load_config, load_pretrain_config
 
@@ -36,14 +45,36 @@ app.command("rollback")(rollback_cmd)
 app.command("lineage")(lineage_cmd)
 app.command("report")(report_cmd)
 app.add_typer(schedule_app, name="schedule")
+app.command("ui")(ui_cmd)
 
 CONFIG_OPT = typer.Option(..., "--config", "-c", help="YAML run config (see configs/).")
 SET_OPT = typer.Option([], "--set", help="Override a config value: --set training.seed=7 (repeatable).")
+JSON_OPT = typer.Option(False, "--json", help="Print the result as JSON on stdout (progress goes to stderr).")
 
 
-def fail(message: str, code: int = 1) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        typer.echo(f"transflow {version('transflow')} (transflow-edge {version('transflow-edge')})")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print versions, exit."),
+) -> None:
+    """Transfer learning with Transformers, from DVC-versioned data to ONNX models on edge servers.
+
+    Exit codes: 0 ok, 1 refused or a failed check, 2 bad input (a missing file, key, model or version)."""
+
+
+def as_json(call: Callable[[], Any]) -> Any:
+    """Run `call` with stdout sent to stderr (flow logs, progress, tables), so stdout carries only the JSON."""
+    with contextlib.redirect_stdout(sys.stderr):
+        result = call()
+    typer.echo(json.dumps(result, indent=2, default=str))
+    return result
 
 
 @data_app.command("prepare")
@@ -63,7 +94,7 @@ def data_prepare(
             sizes = prepare_all(staging)
     except SourceMissingError as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        fail(str(exc))
+        fail(exc, EXIT_BAD_INPUT)
     _replace_dir(staging, out)
     table = Table("dataset", "train", "validation", "test", title=f"prepared into {out}/")
     for name, split_sizes in sizes.items():
@@ -90,14 +121,20 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 @data_app.command("verify")
-def data_verify(dvc_file: Path = typer.Option(Path("data.dvc"), help="The DVC file that pins the data.")) -> None:
-    """Re-hash the data against its DVC pin; fail naming every changed, missing or extra file."""
-    from tasks.data import DataError, verify_data
+def data_verify(
+    dvc_file: Path = typer.Option(Path("data.dvc"), help="The DVC file that pins the data."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Re-hash the data against its DVC pin; fail naming every changed, missing or extra file.
 
-    try:
-        report = verify_data(dvc_file)
-    except DataError as exc:
-        fail(str(exc))
+    Exit code 1 when the data does not match, 2 when the DVC file is missing or unreadable."""
+    from tasks.data import verify_data
+
+    report = verify_data(dvc_file)  # DataNotFound (exit 2) when there is no pin to check against
+    if json_out:
+        typer.echo(json.dumps({"dvc_file": str(dvc_file), "ok": report.ok, "version": report.version,
+                               "actual": report.actual, "problems": report.problems}, indent=2))  # fmt: skip
+        raise typer.Exit(0 if report.ok else 1)
     if not report.ok:
         for problem in report.problems:
             console.print(f"[red]✗[/] {problem}")
@@ -126,7 +163,7 @@ def data_status(
         for cfg in targets:
             _print_balance(cfg.path, class_balance(load_dataset(cfg)))
     except (DataError, ConfigError, ValueError) as exc:
-        fail(str(exc))
+        fail(exc, EXIT_BAD_INPUT)
 
 
 def _guess_data_config(path: Path) -> DataConfig:
@@ -153,16 +190,30 @@ def retrain_cmd(
     train_on: str | None = typer.Option(
         None, help="Run the training as this Prefect deployment (e.g. train/train-gpu; needs PREFECT_API_URL)."
     ),
+    json_out: bool = JSON_OPT,
 ) -> None:
     """The main job, the retraining flow: verify data, load the backbone, fine-tune stage by stage, evaluate
-    against the baselines, register, export (and promote if configured). `transflow run` is an alias."""
-    try:
-        load_config(config, overrides)
-    except ConfigError as exc:
-        fail(str(exc))
+    against the baselines, register, export (and promote if configured). `transflow run` is an alias.
+
+    Exit code 1 when the data does not match its pin or the export fails parity; 2 for a bad config."""
+    cfg = load_config(config, overrides)  # ConfigError: exit 2, before Prefect or torch load
+    if cfg.data.dvc_file is not None and not train_on:
+        from tasks.data import ensure_data
+
+        # Checked here too (the flow checks again), so wrong data is one line before any flow run starts:
+        # DataNotFound exits 2, a mismatch 1. Missing data is pulled from the DVC remote first.
+        report = ensure_data(cfg.data.dvc_file)
+        if not report.ok:
+            fail(f"data does not match {cfg.data.dvc_file}: {'; '.join(report.problems[:5])}")
     from flows.retrain import retrain
 
-    retrain(str(config), list(overrides), str(summary) if summary else None, fresh, train_on)
+    def call() -> dict[str, Any]:
+        return retrain(str(config), list(overrides), str(summary) if summary else None, fresh, train_on)
+
+    if json_out:
+        as_json(call)
+    else:
+        call()
 
 
 app.command("run", hidden=True)(retrain_cmd)  # the name of earlier releases, kept for scripts
@@ -171,10 +222,7 @@ app.command("run", hidden=True)(retrain_cmd)  # the name of earlier releases, ke
 @app.command("pretrain")
 def pretrain(config: Path = CONFIG_OPT, overrides: list[str] = SET_OPT) -> None:
     """Pretrain a backbone (MIM or supervised for ViT, MLM for text) and register it as NAME@latest."""
-    try:
-        load_pretrain_config(config, overrides)
-    except ConfigError as exc:
-        fail(str(exc))
+    load_pretrain_config(config, overrides)  # ConfigError: exit 2
     from flows.pretrain import pretrain_flow
 
     pretrain_flow(str(config), list(overrides))
@@ -204,10 +252,16 @@ def export(
     model: str = typer.Argument(..., help="Registered version: NAME@ALIAS, NAME/VERSION or models:/…"),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the bundle (dir + .tar.gz)."),
     tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: env or local store)."),
+    json_out: bool = JSON_OPT,
 ) -> None:
-    """Export a registered model to ONNX (parity-checked, optimised, int8) and write its verified bundle."""
+    """Export a registered model to ONNX (parity-checked, optimised, int8) and write its verified bundle.
+
+    Exit code 1 when the export fails its parity check, 2 for an unknown model, version or alias."""
     from flows.export import export_model
 
+    if json_out:
+        as_json(lambda: export_model(model, str(out), tracking_uri))
+        return
     report = export_model(model, str(out), tracking_uri)
     console.print(
         f"[green]✓[/] bundle {report['bundle_dir']} + {report['bundle_tar']}\n"
@@ -218,7 +272,8 @@ def export(
 
 def main() -> None:
     apply_prefect_defaults()
-    app()
+    use_local_ui()  # a running `transflow ui` server: every command reports to it (no temporary server)
+    sys.exit(run_cli(app))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """`transflow deploy MODEL@ALIAS --target URL …`: the deploy flow from the command line.
 
 Only typer and rich at import time; the flow (prefect, mlflow, httpx) is imported inside the command.
+Exit codes: 0 deployed, 1 the deploy failed (every target rolled back), 2 bad input (config, model, targets).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from flows.cli_errors import EXIT_BAD_INPUT, fail
 
 console = Console()
 
@@ -27,16 +30,24 @@ def deploy_cmd(
     ),
     tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: env or local store)."),
     wait: float = typer.Option(60.0, help="Seconds to wait for each server to report the new bundle."),
+    json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON on stdout."),
 ) -> None:
     """Push a registered version's bundle to edge servers, check its golden outputs, roll all back on failure."""
     targets, token_env, tracking_uri = _with_config(config, list(targets), token_env, tracking_uri)
-    from flows.deploy import DeployError, deploy
+    if not targets:
+        fail("deploy: no targets: give --target URL (repeatable) or deploy.targets in the run config", EXIT_BAD_INPUT)
+    from flows.deploy import deploy
 
-    try:
-        outcome = deploy(model, targets, token_env, tracking_uri, wait)
-    except DeployError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(1) from None
+    if json_out:  # the flow's logs go to stderr; stdout carries only the outcome
+        import contextlib
+        import json
+        import sys
+
+        with contextlib.redirect_stdout(sys.stderr):
+            outcome = deploy(model, targets, token_env, tracking_uri, wait)
+        typer.echo(json.dumps(outcome, indent=2, default=str))
+        return
+    outcome = deploy(model, targets, token_env, tracking_uri, wait)  # DeployError: one line, exit 1
     table = Table(
         "target", "status", "golden checked", "max |Δscore|", title=f"{outcome['model']} v{outcome['version']}"
     )
@@ -59,8 +70,7 @@ def _with_config(
     try:
         cfg = load_config(config)
     except ConfigError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(1) from None
+        fail(exc, EXIT_BAD_INPUT)
     return (
         [*targets, *cfg.deploy.targets],
         token_env or cfg.deploy.token_env,

@@ -2,7 +2,8 @@
 
 Plain Typer command functions, registered in `flows/cli.py`. Heavy libraries (torch, mlflow, prefect) load
 inside the commands, so `transflow --help` and bad arguments answer at once.
-Exit codes: 0 promoted (or rolled back), 1 refused by the gate, 2 bad input or the registry failed.
+Exit codes: 0 promoted (or rolled back), 1 refused by the gate, 2 bad input or the registry failed
+(`flows/cli_errors.py`); errors are one line on stderr.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
+
+from flows.cli_errors import EXIT_BAD_INPUT, fail
 
 console = Console()
 T = TypeVar("T")
@@ -35,10 +38,9 @@ def _guarded(call: Callable[[], T]) -> T:
     try:
         return call()
     except RegistryError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}")
+        fail(exc, EXIT_BAD_INPUT)
     except tracking_errors() as exc:
-        console.print(f"[bold red]registry error:[/] {type(exc).__name__}: {escape(str(exc))}")
-    raise typer.Exit(2)
+        fail(f"registry error: {type(exc).__name__}: {exc}", EXIT_BAD_INPUT)
 
 
 def promote_cmd(
@@ -108,8 +110,7 @@ def lineage_cmd(
     from tasks.tracking import Tracker, resolve_tracking_uri
 
     if (target is None) == (bundle is None):
-        console.print("[bold red]error:[/] give either MODEL@ALIAS or --bundle DIR")
-        raise typer.Exit(2)
+        fail("lineage: give either MODEL@ALIAS or --bundle DIR", EXIT_BAD_INPUT)
     tracker = Tracker(resolve_tracking_uri(tracking_uri))
     if bundle is not None:
         chain = _guarded(lambda: bundle_lineage(bundle, tracker))
@@ -119,8 +120,9 @@ def lineage_cmd(
         typer.echo(json.dumps(chain, indent=2))
         return
     console.print(_lineage_tree(chain))
-    if (chain.get("registry") or {}).get("agrees") is False:
-        raise typer.Exit(1)  # the bundle is not the one the registry recorded for that version
+    if (chain.get("registry") or {}).get("agrees") is False:  # the registry recorded another bundle
+        fail(f"bundle {chain.get('bundle_sha256')} is not the bundle the registry recorded for "
+             f"{chain.get('model')} v{chain.get('version')}")  # fmt: skip
 
 
 def _print_history(model: str, tracking_uri: str | None) -> None:

@@ -14,11 +14,13 @@ import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from flows.cli_errors import EXIT_BAD_INPUT, EXIT_REFUSED, fail
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL_TYPE = "process"
@@ -33,9 +35,8 @@ schedule_app = typer.Typer(
 )
 
 
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(1)
+def _fail(message: str, code: int = EXIT_REFUSED) -> NoReturn:
+    fail(message, code)
 
 
 def api_url() -> str:
@@ -46,7 +47,9 @@ def api_url() -> str:
     if not url:
         _fail(
             "PREFECT_API_URL is not set: start a server (`prefect server start`), then "
-            "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api` (see docs/scheduling.md)"
+            "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`, or run `transflow ui` "
+            "(see docs/scheduling.md)",
+            EXIT_BAD_INPUT,
         )
     return str(url)
 
@@ -156,10 +159,14 @@ def deployment_rows(count: int) -> list[dict[str, Any]]:
 @schedule_app.command("list")
 def list_schedules(
     upcoming: int = typer.Option(3, min=1, max=20, help="How many upcoming times to show per schedule."),
+    json_out: bool = typer.Option(False, "--json", help="Print the rows as JSON (an empty list when none)."),
 ) -> None:
     """Deployments with their work pool, schedules (and time zones), paused or active, and next run times."""
     api_url()
     rows = deployment_rows(upcoming)
+    if json_out:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
     if not rows:
         _fail("no deployments on this server: run `transflow schedule install` first")
     table = Table("deployment", "pool", "schedule", "state", "next runs", title="Prefect deployments")
@@ -177,12 +184,12 @@ def find_deployment(client: Any, name: str) -> Any:
         try:
             return client.read_deployment_by_name(name)
         except ObjectNotFound:
-            _fail(f"no deployment {name!r} (see `transflow schedule list`)")
+            _fail(f"no deployment {name!r} (see `transflow schedule list`)", EXIT_BAD_INPUT)
     found = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name])))
     if not found:
-        _fail(f"no deployment named {name!r} (see `transflow schedule list`)")
+        _fail(f"no deployment named {name!r} (see `transflow schedule list`)", EXIT_BAD_INPUT)
     if len(found) > 1:
-        _fail(f"{len(found)} flows have a deployment named {name!r}: give FLOW/{name}")
+        _fail(f"{len(found)} flows have a deployment named {name!r}: give FLOW/{name}", EXIT_BAD_INPUT)
     return found[0]
 
 

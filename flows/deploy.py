@@ -34,6 +34,7 @@ from prefect import flow, get_run_logger, task
 from transflow_edge.bundle import sha256_file
 from transflow_edge.client import EdgeClient, EdgeError
 
+from flows.prefect_artifacts import deploy_run_name, publish_deploy
 from tasks.prefect_options import LIVE
 from tasks.registered_version import RegistryError, fetch_verified_bundle
 from tasks.tracking import Tracker, resolve_tracking_uri
@@ -45,6 +46,10 @@ HISTORY_CHARS = 4000  # MLflow tag values are limited (5000 characters on older 
 
 class DeployError(RuntimeError):
     """A deploy that cannot go on; the message names the version and the target."""
+
+
+class DeployInputError(DeployError):
+    """Bad input, found before anything changed: no or malformed targets, no token, an unknown version (exit 2)."""
 
 
 class TargetError(DeployError):
@@ -78,7 +83,7 @@ class Target:
             return cls(text, "http", text.rstrip("/"))
         if text.startswith(DIR_PREFIX) and len(text) > len(DIR_PREFIX):
             return cls(text, "dir", text.removeprefix(DIR_PREFIX))
-        raise DeployError(f"target {text!r}: expected http(s)://host:port or dir:///path/to/watched/folder")
+        raise DeployInputError(f"target {text!r}: expected http(s)://host:port or dir:///path/to/watched/folder")
 
 
 @dataclass(frozen=True)
@@ -128,9 +133,9 @@ def fetch_bundle(tracking_uri: str, model_uri: str, workdir: Path) -> Fetched:
         name, version = tracker.resolve_version(model_uri)
         record = tracker.model_version(name, version)
     except Exception as exc:  # MLflow's own error types stay in tasks/tracking.py
-        raise DeployError(f"{model_uri}: not found in the registry at {tracking_uri} ({exc})") from None
+        raise DeployInputError(f"{model_uri}: not found in the registry at {tracking_uri} ({exc})") from None
     if record is None:
-        raise DeployError(f"{model_uri}: not found in the registry at {tracking_uri}")
+        raise DeployInputError(f"{model_uri}: not found in the registry at {tracking_uri}")
     try:
         archive, bundle = fetch_verified_bundle(tracker, record, workdir)
     except RegistryError as exc:
@@ -299,7 +304,7 @@ def record(tracking_uri: str, name: str, version: str, outcome: dict[str, Any]) 
 # ---------------------------------------------------------------- the flow
 
 
-@flow(name="deploy-edge")
+@flow(name="deploy-edge", flow_run_name=deploy_run_name)
 def deploy(
     model_uri: str,
     targets: list[str],
@@ -335,15 +340,16 @@ def _record(uri: str, fetched: Fetched, outcome: dict[str, Any]) -> None:
         record(uri, fetched.name, fetched.version, outcome)
     except Exception as exc:
         get_run_logger().error("could not record the deployment on %s v%s: %s", fetched.name, fetched.version, exc)
+    publish_deploy(outcome)  # the Prefect UI's view, keyed per model
 
 
 def _check_inputs(targets: list[str], token_env: str) -> list[Target]:
     """Fail before anything is fetched: no or malformed targets, or a missing token."""
     if not targets:
-        raise DeployError("no targets: give --target URL (repeatable) or deploy.targets in the run config")
+        raise DeployInputError("no targets: give --target URL (repeatable) or deploy.targets in the run config")
     parsed = [Target.parse(t) for t in dict.fromkeys(targets)]
     if any(t.kind == "http" for t in parsed) and not os.environ.get(token_env, "").strip():
-        raise DeployError(f"${token_env} is not set: export the edge servers' admin token")
+        raise DeployInputError(f"${token_env} is not set: export the edge servers' admin token")
     return parsed
 
 

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from prefect import flow
 
+from flows.prefect_artifacts import promote_run_name, publish_decision, rollback_run_name
 from tasks.events import emit_promoted
 from tasks.promote import promote_version
 from tasks.promote import rollback as rollback_champion
@@ -19,7 +20,7 @@ from tasks.registry_gate import Decision
 from tasks.tracking import Tracker, resolve_tracking_uri
 
 
-@flow(name="promote", log_prints=True)
+@flow(name="promote", log_prints=True, flow_run_name=promote_run_name)
 def promote(
     model_name: str,
     version: str | None = None,
@@ -46,10 +47,11 @@ def promote(
     )
     print(f"{model_name} v{decision.challenger}: {decision.outcome}: {'; '.join(decision.reasons)}")
     announce(decision, tracker.uri)
+    publish_decision(decision.to_dict())
     return decision.to_dict()
 
 
-@flow(name="rollback", log_prints=True)
+@flow(name="rollback", log_prints=True, flow_run_name=rollback_run_name)
 def rollback(
     model_name: str, reason: str = "", dry_run: bool = False, tracking_uri: str | None = None
 ) -> dict[str, Any]:
@@ -58,6 +60,7 @@ def rollback(
     decision = rollback_champion(tracker, model_name, reason, dry_run=dry_run)
     print(f"{model_name}: {decision.reasons[0]}")
     announce(decision, tracker.uri)
+    publish_decision(decision.to_dict())
     return decision.to_dict()
 
 
@@ -70,6 +73,7 @@ def auto_promote(tracker: Tracker, model_name: str, version: str, device: str, w
         return {"outcome": "not judged", "reasons": [str(exc)]}
     print(f"auto-promote {model_name} v{version}: {decision.outcome}: {'; '.join(decision.reasons)}")
     announce(decision, tracker.uri)
+    publish_decision(decision.to_dict())
     return decision.to_dict()
 
 

@@ -148,9 +148,9 @@ def test_schedule_list_and_pause_resume(installed: str, monkeypatch: pytest.Monk
     assert resumed.exit_code == 0, resumed.output
     with sync_client() as client:
         assert [s.active for s in client.read_deployment_by_name("retrain/retrain").schedules] == [True]
-    for bad, error in (("no-such", "no deployment named"), ("retrain-gpu", "has no schedule")):
-        result = runner.invoke(app, ["schedule", "pause", bad])
-        assert result.exit_code == 1 and error in result.output
+    for bad, error, code in (("no-such", "no deployment named", 2), ("retrain-gpu", "has no schedule", 1)):
+        result = runner.invoke(app, ["schedule", "pause", bad])  # 2: bad input, 1: cannot be done (cli_errors)
+        assert result.exit_code == code and error in result.output
 
 
 # --- retrain through the worker ---------------------------------------------------------------

@@ -283,7 +283,7 @@ def test_lifecycle_first_champion_better_challenger_then_rollback(tracker: Any, 
     assert f"rolled back from v{v2} to v{v1}" in done.stdout and tracker.alias_version(MODEL, "champion") == v1
     assert tracker.version_tags(MODEL, v2)["promotion.outcome"] == "rolled_back"
     again = cli("rollback", MODEL, "--tracking-uri", server.url)
-    assert again.exit_code == 2 and "first champion" in again.stdout
+    assert again.exit_code == 2 and "first champion" in again.stderr  # one `error:` line (flows/cli_errors.py)
     assert tracker.alias_version(MODEL, "champion") == v1
 
     shown = cli("promote", "--history", MODEL, "--tracking-uri", server.url)
@@ -359,7 +359,7 @@ def test_cli_dry_run_changes_nothing_and_exit_codes(tracker: Any, sources: dict,
     refused = cli("promote", model, "--tracking-uri", server.url)
     assert refused.exit_code == 1 and "REFUSED" in refused.stdout
     unknown = cli("promote", "no-such-model", "--tracking-uri", server.url)
-    assert unknown.exit_code == 2 and "no registered model named 'no-such-model'" in unknown.stdout
+    assert unknown.exit_code == 2 and "error: no registered model named 'no-such-model'" in unknown.stderr
 
 
 @integration
