@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import flow
 
 from tasks.lineage import parse_target
@@ -39,19 +40,31 @@ def report(
 
 
 def report_after_export(
-    tracker: Tracker, name: str, version: str, out_dir: Path, live: tuple[Any, Any], work: Path
+    tracker: Tracker, name: str, version: str, out_dir: Path, trained: Any, work: Path, batch_size: int
 ) -> dict[str, Any]:
     """The retraining flow's report step, against the current champion. A report that cannot be built (e.g. the
     data is not DVC-versioned, so no test split can be proven the same) is recorded, not raised: the version is
     registered and exported either way, and the gate says what is missing if it requires significance. Any other
     failure is printed and recorded the same way (the tests build real reports, so a bug cannot hide there)."""
     try:
+        live = (trained.model, trained.adapter, challenger_predictions(trained, batch_size))
         written = build_version_report(tracker, name, version, out_dir, CHAMPION, work=work, live=live)
     except Exception as exc:  # the version is registered and exported: a failed report must not lose the run
         print(f"candidate report of {name} v{version} NOT built: {type(exc).__name__}: {exc}")
         return {"error": f"{type(exc).__name__}: {exc}"}
     publish(out_dir, name, version)
     return written
+
+
+def challenger_predictions(trained: Any, batch_size: int) -> np.ndarray | None:
+    """The training run's own test logits, put back in split order: the report then runs no second test pass of
+    the challenger (they come length-sorted, in the order of the test batches the export also uses)."""
+    if trained.test_logits is None:  # trained on another deployment: the report predicts again
+        return None
+    order = trained.encoded.batches(trained.adapter, "test", batch_size, sort=True).order
+    preds = np.empty(len(order), dtype=np.int64)
+    preds[np.asarray(order, dtype=np.int64)] = np.asarray(trained.test_logits).argmax(-1)
+    return preds
 
 
 def publish(out_dir: Path, name: str, version: str) -> None:

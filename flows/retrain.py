@@ -192,7 +192,7 @@ def register_export_promote(
             if cfg.export.report:  # before the gate: the decision reads and links it
                 exported["report"] = report_after_export(
                     tracker, cfg.registry.model_name, version, workdir / "export" / "report",
-                    (trained.model, trained.adapter), workdir / "report-work",
+                    trained, workdir / "report-work", cfg.training.eval_batch_size,
                 )  # fmt: skip
     if version:  # metrics against the run's baselines and the data version, on the registry page
         tags = tracker.client.get_run(run_id).data.tags  # baselines.* are set by the training step

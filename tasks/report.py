@@ -164,11 +164,12 @@ def build_version_report(
     against: str = CHAMPION,
     *,
     work: Path,
-    live: tuple[TransferModel, Adapter] | None = None,
+    live: tuple[TransferModel, Adapter, np.ndarray | None] | None = None,
     log: bool = True,
 ) -> dict[str, Any]:
     """Build the report of `version` against the version alias `against` points at (none: a first champion) on the
-    challenger's test split, verified on disk; log it to the version's run and tag the version."""
+    challenger's test split, verified on disk; log it to the version's run and tag the version. `live`: the model
+    in memory, its adapter and (optionally) its test predictions in split order, from the retraining flow."""
     started = time.perf_counter()
     record = require_version(tracker, model_name, version)
     classes = label_set(record)
@@ -177,8 +178,10 @@ def build_version_report(
     split = load_test_split(cfg, "cpu")
     y = np.asarray(split.labels, dtype=np.int64)
     champion = _other(tracker, model_name, against, record)
-    model, adapter, meta = (*live, {"classes": classes}) if live else _load(tracker, record, work)
-    mine = predict_in_order(model, adapter, split.items, split.batch_size, meta["classes"], split.classes)
+    model, adapter, meta = (*live[:2], {"classes": classes}) if live else _load(tracker, record, work)
+    mine = live[2] if live and live[2] is not None and len(live[2]) == len(y) else None
+    if mine is None:  # no predictions from the training run: one test pass of the challenger
+        mine = predict_in_order(model, adapter, split.items, split.batch_size, meta["classes"], split.classes)
     theirs = None
     if champion is not None:
         c_model, c_adapter, c_meta = _load(tracker, champion, work)

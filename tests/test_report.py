@@ -57,6 +57,8 @@ def test_report_is_built_beside_the_bundle_and_logged(two_versions: tuple) -> No
     data = json.loads((out / "report.json").read_text())
     assert data["header"]["champion_version"] is None and data["comparison"]["significant"] is None
     assert data["lineage"]["bundle_sha256"] == first["export"]["bundle_sha256"]
+    # the training run's own test predictions, put back in split order, pair with the split's labels
+    assert data["comparison"]["challenger"]["macro_f1"] == pytest.approx(first["test"]["macro_f1"], abs=1e-9)
     assert {r["runtime"] for r in data["speed"]["latency"]} >= {"torch eager", "ONNX fp32"}
     assert {r["batch"] for r in data["speed"]["latency"]} == {1, 32}
     assert data["speed"]["cpu"]["isa"], "the instruction set flags are read"
