@@ -99,7 +99,8 @@ def render_markdown(r: dict[str, Any]) -> str:
     out += ["## Baselines", "", f"- baselines.passed: {b['passed']}; {b['detail'] or 'no baselines recorded'}"]
     if b.get("selected_stage"):
         out.append(f"- selected stage: {b['selected_stage'].get('name')}: {b['selected_stage'].get('why')}")
-    out += ["", *_md_table(["baseline", "accuracy %", "macro-F1 %"], baseline_rows(r)), ""]
+    table = _md_table(["baseline", "accuracy %", "macro-F1 %"], baseline_rows(r)) if baseline_rows(r) else []
+    out += ["", *table, ""]
     parity, int8 = e.get("parity") or {}, e.get("int8") or {}
     out += ["## Export", "", f"- default model: `{e.get('default_model')}`; {int8.get('reason', '')}",
             f"- fp32 parity: max |Δlogit| {parity.get('fp32_max_abs_diff')}, argmax agreement "
@@ -229,7 +230,8 @@ def render_html(r: dict[str, Any], svgs: dict[str, str] | None = None) -> str:
         '<section id="baselines"><h2>Baselines</h2>'
         f"<p>baselines.passed: <b>{escape(str(b['passed']))}</b>; {escape(b['detail'] or 'no baselines recorded')}</p>"
         + (f"<p>Selected stage {escape(str(stage.get('name')))}: {escape(str(stage.get('why')))}</p>" if stage else "")
-        + _html_table(["baseline", "accuracy %", "macro-F1 %"], baseline_rows(r)) + "</section>",
+        + (_html_table(["baseline", "accuracy %", "macro-F1 %"], baseline_rows(r)) if baseline_rows(r) else "")
+        + "</section>",
         f'<section id="export"><h2>Export</h2><p>Ships <code>{escape(str(e.get("default_model")))}</code>: '
         f"{escape(str(int8.get('reason', '')))}</p><p>fp32 parity: max |Δlogit| "
         f"{escape(str(parity.get('fp32_max_abs_diff')))}, argmax agreement "
