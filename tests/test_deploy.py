@@ -141,6 +141,24 @@ def test_a_refusing_target_rolls_back_every_updated_one(edge, registry: dict, tm
     assert serving(a)["bundle_sha256"] == sha1
 
 
+def test_a_dir_rollback_is_verified_by_what_the_watching_site_serves(edge, registry: dict, tmp_path: Path) -> None:
+    """The folder held no earlier archive: deleting this deploy's one must still put the site back on v1."""
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    site = edge(token=None, watch_dir=drop, watch_interval_s=0.05)  # serves v1 from --bundle, folder empty
+    a, b = edge(), edge(token=OTHER_TOKEN)  # a takes the bundle (time for the site to load it), b refuses
+    sha1, sha2 = registry["shas"]["1"], registry["shas"]["2"]
+    with pytest.raises(DeployError) as failure:
+        deploy(f"{NAME}@challenger", [f"dir://{drop}", a, b], tracking_uri=registry["uri"])
+    assert f"dir://{drop}: removed" in str(failure.value)
+    wait_for(site, sha1)
+    loads = [line for line in httpx.get(f"{site}/metrics").text.splitlines() if "bundle_loads_total{" in line]
+    watched = [float(line.split()[-1]) for line in loads if 'result="loaded",source="watch"' in line]
+    assert watched == [2.0], loads  # took v2 from the folder, then rolled back to v1 when it was deleted
+    assert serving(site)["previous_bundle_sha256"] == sha2
+    assert httpx.post(f"{site}/v1/predict", json={"inputs": ["back?"]}).json()["model"]["version"] == "1"
+
+
 class DiesOnUpload(BaseHTTPRequestHandler):
     """Looks like an edge server serving some bundle, then drops the connection when the bundle arrives."""
 
