@@ -48,6 +48,12 @@ def promote_cmd(
     version: str | None = typer.Option(None, "--version", help="Version to judge (default: alias 'challenger')."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Evaluate and decide, but change and log nothing."),
     history: bool = typer.Option(False, "--history", help="Print the promotion log (JSON lines, oldest first)."),
+    recover: bool = typer.Option(
+        False, "--recover", help="Complete the model's half-done promotions/rollbacks (after a crash); judge nothing."
+    ),
+    prepare: bool = typer.Option(
+        False, "--prepare", help="Create the promotion lock and log experiment (an admin, before granting users)."
+    ),
     metric: str | None = typer.Option(None, help="macro_f1 or accuracy (default: the run's evaluation.metric)."),
     margin: float | None = typer.Option(None, help="Required win over the champion (default: registry.margin)."),
     int8_budget_pt: float | None = typer.Option(None, help="Max int8 drop in points (default: the run's budget)."),
@@ -64,6 +70,9 @@ def promote_cmd(
     Exit code: 0 promoted, 1 refused, 2 bad input or registry error."""
     if history:
         _print_history(model, tracking_uri)
+        return
+    if recover or prepare:
+        _recover_or_prepare(model, tracking_uri, prepare)
         return
     from flows.promote import promote
 
@@ -123,6 +132,30 @@ def lineage_cmd(
     if (chain.get("registry") or {}).get("agrees") is False:  # the registry recorded another bundle
         fail(f"bundle {chain.get('bundle_sha256')} is not the bundle the registry recorded for "
              f"{chain.get('model')} v{chain.get('version')}")  # fmt: skip
+
+
+def _recover_or_prepare(model: str, tracking_uri: str | None, prepare: bool) -> None:
+    if prepare:
+        from tasks.registered_version import require_model
+        from tasks.registry_lock import LOG_SUFFIX
+        from tasks.registry_lock import prepare as prepare_lock
+        from tasks.tracking import Tracker, resolve_tracking_uri
+
+        tracker = Tracker(resolve_tracking_uri(tracking_uri))
+        lock, _, _ = _guarded(lambda: (require_model(tracker, model), prepare_lock(tracker, model))[1])
+        names = f"promotion lock [bold]{escape(lock)}[/], log experiment [bold]{escape(model + LOG_SUFFIX)}[/]"
+        console.print(
+            f"{names} ready: grant promoters MANAGE on both models, EDIT on the experiment (mlflow/README.md)"
+        )
+        return
+    from flows.promote import recover
+
+    done: list[dict[str, Any]] = _guarded(lambda: recover(model, tracking_uri))
+    for d in done:
+        move = f"champion v{d['champion_before'] or '-'} → v{d['champion_after'] or '-'} ({d['outcome']})"
+        console.print(f"[green]✓[/] completed {d['action']} by {escape(d['user'])} at {d['time']}: {move}")
+    if not done:
+        console.print(f"{escape(model)}: nothing half-done")
 
 
 def _print_history(model: str, tracking_uri: str | None) -> None:

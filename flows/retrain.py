@@ -8,7 +8,6 @@ The heavy part (`flows/train.py`) runs inline, or with `train_deployment` as its
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from tasks.finetune import encode_splits
 from tasks.lineage import collect_lineage
 from tasks.prefect_options import LIVE
 from tasks.run_conventions import dataset_input, source_tags, version_description
+from tasks.run_state import owned_run
 from tasks.tracking import Tracker, resolve_tracking_uri
 
 console = Console()
@@ -71,13 +71,14 @@ def retrain_from_config(
     lineage = collect_lineage(cfg.data.dvc_file, cfg.config_hash()) | {"backbone": cfg.backbone.uri}
     if cfg.backbone.uri.startswith("models:/"):  # pin what the alias meant at training time
         lineage["backbone_version"] = "/".join(tracker.resolve_version(cfg.backbone.uri))
-    run_id = tracker.start_run(cfg.registry.experiment, cfg.name, lineage | source_tags(lineage, ENTRY_POINT))
-    try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    tags = lineage | source_tags(lineage, ENTRY_POINT)
+    # Ends the run FINISHED, FAILED or KILLED (SIGTERM), and closes the run a killed earlier process left RUNNING.
+    with owned_run(tracker, cfg.registry.experiment, cfg.name, tags, workdir) as run_id:
         tracker.log_params(run_id, cfg.resolved())
         dataset = dataset_input(cfg.data.dvc_file, cfg.data.path, version, lineage["git_commit"])
         if dataset:
             tracker.log_dataset(run_id, **dataset, context="train")
-        workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(json.dumps(cfg.resolved(), indent=2) + "\n")
         tracker.log_artifacts(run_id, workdir / "config.json")
         if remote:
@@ -90,12 +91,7 @@ def retrain_from_config(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2) + "\n")
         tracker.log_artifacts(run_id, path)
-        tracker.end_run(run_id)
-        publish_retrain(summary, tracker.client.get_run(run_id).info.experiment_id)  # the Prefect UI's view
-    except BaseException:
-        with contextlib.suppress(Exception):  # the tracking server may be what failed: keep the first error
-            tracker.end_run(run_id, "FAILED")
-        raise
+    publish_retrain(summary, tracker.client.get_run(run_id).info.experiment_id)  # the Prefect UI's view
     print_summary(summary, path)
     return summary
 
@@ -216,7 +212,9 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
     table = Table("model", "best val", "test accuracy", "test macro-F1", "seconds", title="retrain summary")
     metric = next((k for k in summary["stages"][0] if k.startswith("best_val_")), "best_val")
     for s in summary["stages"]:
-        note = " (resumed)" if s["resumed"] else ""
+        p = s.get("resumed_from")
+        note = " (skipped: finished before)" if s["resumed"] else ""
+        note = f" (continued from epoch {p['epoch']} batch {p['batch']} step {p['step']})" if p else note
         table.add_row(
             f"stage {s['name']}{note}",
             f"{s[metric]:.4f}",

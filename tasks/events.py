@@ -6,6 +6,7 @@ know where models are deployed.
 from __future__ import annotations
 
 from typing import Any
+from uuid import UUID
 
 PROMOTED = "transflow.model.promoted"
 
@@ -26,12 +27,14 @@ def emit_promoted(
     previous: str | None = None,
     reason: str = "",
     tracking_uri: str | None = None,
+    event_id: str | None = None,
     **details: Any,
 ) -> Any:
     """Emit `transflow.model.promoted` after `champion` moved to `version`; call it only on success.
 
     Returns the emitted `prefect.events.Event` (None where Prefect emits no events, e.g. no API reachable).
-    Inside a flow run the event is sent in the background and flushed when the process exits.
+    Inside a flow run the event is sent in the background and flushed when the process exits. A fixed
+    `event_id` (a UUID) makes a resent event the same event: Prefect stores it once and triggers skip it.
     """
     from prefect.events import emit_event
 
@@ -44,4 +47,9 @@ def emit_promoted(
         "tracking_uri": tracking_uri,
         **details,
     }
-    return emit_event(event=PROMOTED, resource=model_resource(model_name, version), payload=payload)
+    return emit_event(
+        event=PROMOTED,
+        resource=model_resource(model_name, version),
+        payload=payload,
+        id=UUID(event_id) if event_id else None,
+    )

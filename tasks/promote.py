@@ -2,13 +2,14 @@
 
 The gate re-evaluates the challenger and the current champion on the same test split of the same data
 version (checked on disk), and moves `champion` only if every condition holds. The decision itself is
-pure (`tasks.registry_gate`); the effects below go through `Tracker`, the one MLflow caller.
+pure (`tasks.registry_gate`); the effects go through `Tracker`, the one MLflow caller.
 
-Concurrency and crashes: a decision is applied inside a short critical section held by a registry lock
-(`tasks.registry_lock`). Inside it the champion is re-read, the decision is logged as its own MLflow run in
-`<model>-promotions`, and the alias move is the single commit point. Two racing promotions therefore serialise
-(the second is judged against the first one's result), and a failure before the alias move leaves the previous
-champion in place. Bad input raises `RegistryError` before anything is written.
+Concurrency and crashes: a decision is applied under the fenced, leased lock (`tasks.registry_lock`) as a
+resumable sequence (`tasks.promotion_commit`: log, intent, alias, tags, event). Inside the lock, half-done
+decisions of earlier processes are completed first, then the champion is re-read: two racing promotions
+serialise (the second is judged against the first one's result), and a process that dies at any step leaves a
+registry that the next promote, rollback or `--recover` makes consistent. Bad input raises `RegistryError`
+before anything is written.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from tasks.evaluate import TestSplit, evaluate_version, load_test_split
 from tasks.finetune import resolve_device
+from tasks.promotion_commit import ABANDONED_TAG, DECISION_TAG, PREVIOUS_TAG, Notify, commit, decision_tags, recover
 from tasks.registered_version import (
     CHAMPION,
     RegistryError,
-    TestSplit,
-    evaluate_version,
     label_set,
-    load_test_split,
     require_model,
     require_version,
     resolve_challenger,
@@ -48,12 +48,9 @@ from tasks.registry_gate import (
     significance_check,
     tag_checks,
 )
-from tasks.registry_lock import RegistryBusy, current_user, registry_lock
+from tasks.registry_lock import ANCHOR_RUN_TAG, LOG_SUFFIX, RegistryBusy, current_user, registry_lock
 from tasks.tracking import Tracker, VersionRecord
 
-LOG_SUFFIX = "-promotions"
-DECISION_TAG = "promotion.decision"
-PREVIOUS_TAG = "promotion.previous_champion"
 MAX_ROUNDS = 3  # re-evaluate at most this often when another promotion moves the champion meanwhile
 
 
@@ -61,60 +58,9 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def record_decision(
-    tracker: Tracker, decision: Decision, version_tags: dict[str, dict[str, str]], move_to: str | None
-) -> Decision:
-    """Log the decision as its own run (intent), move the alias (the commit point), tag the versions, finish.
-
-    A failure before the alias move changes no champion; the log run is then left FAILED (or RUNNING when the
-    server is gone), which `history` reports as incomplete."""
-    payload = decision.to_json()
-    summary = {
-        "promotion.action": decision.action,
-        "promotion.outcome": decision.outcome,
-        "promotion.challenger": decision.challenger or "",
-        "promotion.champion_before": decision.champion_before or "",
-        "promotion.champion_after": decision.champion_after or "",
-        "promotion.user": decision.user,
-    }
-    if len(payload) <= 7900:  # MLflow's tag limit is 8000; the artifact always has the whole record
-        summary[DECISION_TAG] = payload
-    run_id = tracker.start_run(decision.model + LOG_SUFFIX, f"{decision.action} {decision.model}", summary)
-    try:
-        tracker.log_text(run_id, payload + "\n", "decision.jsonl")
-        if move_to:
-            tracker.set_alias(decision.model, CHAMPION, move_to)
-        for version, tags in version_tags.items():
-            tracker.tag_version(decision.model, version, tags | {"promotion.log_run_id": run_id})
-        tracker.end_run(run_id)
-    except BaseException:
-        with contextlib.suppress(Exception):
-            tracker.end_run(run_id, "FAILED")
-        raise
-    return replace(decision, log_run_id=run_id)
-
-
 def promotion_tags(d: Decision) -> dict[str, dict[str, str]]:
-    """What each involved version records of the decision (the log run has the whole record)."""
-    if d.champion_before is not None and d.champion_before == d.challenger:
-        return {}  # a concurrent promotion already made it champion: its tags stay, the log records this attempt
-    stamp = {"promotion.time": d.time, "promotion.user": d.user}
-    mine = {
-        **stamp,
-        "promotion.outcome": d.outcome,
-        "promotion.metric": d.metric or "",
-        "promotion.score": f"{d.challenger_metrics.get(d.metric or '', float('nan')):.4f}",
-        "promotion.against": d.champion_before or "none",
-        "promotion.reasons": json.dumps(d.reasons)[:4000],
-    }
-    tags = {d.challenger or "": mine}
-    if d.promoted:
-        mine[PREVIOUS_TAG] = d.champion_before or "none"
-        if d.champion_before:
-            tags[d.champion_before] = {**stamp, "promotion.replaced_by": d.challenger or ""}
-    elif d.champion_before:
-        tags[d.champion_before] = {**stamp, "promotion.defended_against": d.challenger or ""}
-    return tags
+    """What each involved version records of a promotion decision (see `promotion_commit.decision_tags`)."""
+    return decision_tags(d)
 
 
 @dataclass
@@ -146,11 +92,13 @@ def promote_version(
     device: str = "cpu",
     workdir: Path | None = None,
     user: str | None = None,
+    notify: Notify | None = None,
 ) -> Decision:
     """The gate: judge `version` (default: alias `challenger`) against the champion and apply the decision.
 
     `metric`, `margin` and `int8_budget_pt` default to the challenger run's config (evaluation.metric,
     registry.margin, export.int8_budget_pt). The retraining flow calls this for `registry.auto_promote`.
+    `notify` sends the `transflow.model.promoted` event once the champion moved (the flows pass it).
     Raises RegistryError (nothing changed) on bad input; returns the decision, promoted or refused."""
     user = user or current_user()
     challenger = resolve_challenger(tracker, model_name, version)
@@ -164,12 +112,24 @@ def promote_version(
             decision = judge(gate, champion, user, dry_run)
             if dry_run:
                 return decision
-            with registry_lock(tracker, model_name):
-                if tracker.alias_version(model_name, CHAMPION) == (champion.version if champion else None):
-                    decision = replace(decision, time=now())
-                    return record_decision(tracker, decision, promotion_tags(decision), _move(decision))
+            applied = apply_decision(tracker, decision, notify)
+            if applied is not None:
+                return applied
             champion = _champion(tracker, challenger, allow_self=True)  # a concurrent promotion moved it: re-judge
     raise RegistryBusy(f"{model_name}: the champion moved {MAX_ROUNDS} times while this promotion ran; try again")
+
+
+def apply_decision(tracker: Tracker, decision: Decision, notify: Notify | None = None) -> Decision | None:
+    """Under the lock: complete half-done decisions, then commit `decision` if the champion is still the one it
+    was judged against. None when the champion moved meanwhile (judge again). A crashed earlier attempt of this
+    very promotion, completed by the recovery, is returned as the decision."""
+    with registry_lock(tracker, decision.model) as lease:
+        for done in recover(tracker, decision.model, lease, notify):
+            if decision.promoted and done.promoted and done.challenger == decision.challenger:
+                return done
+        if tracker.alias_version(decision.model, CHAMPION) != decision.champion_before:
+            return None
+        return commit(tracker, lease, replace(decision, time=now()), notify)
 
 
 def _champion(tracker: Tracker, challenger: VersionRecord, allow_self: bool = False) -> VersionRecord | None:
@@ -256,10 +216,6 @@ def judge(gate: GateInputs, champion: VersionRecord | None, user: str, dry_run: 
     )
 
 
-def _move(decision: Decision) -> str | None:
-    return decision.challenger if decision.promoted else None
-
-
 @contextlib.contextmanager
 def _workdir(workdir: Path | None) -> Iterator[Path]:
     if workdir is not None:
@@ -271,53 +227,76 @@ def _workdir(workdir: Path | None) -> Iterator[Path]:
 
 
 def rollback(
-    tracker: Tracker, model_name: str, reason: str = "", *, dry_run: bool = False, user: str | None = None
+    tracker: Tracker,
+    model_name: str,
+    reason: str = "",
+    *,
+    dry_run: bool = False,
+    user: str | None = None,
+    notify: Notify | None = None,
 ) -> Decision:
-    """Move `champion` back to the version it replaced (recorded on it at promotion), logged like a promotion."""
+    """Move `champion` back to the version it replaced (recorded on it at promotion), logged like a promotion.
+    Half-done decisions are completed first, so the previous champion is the true one whatever step of the
+    last promotion a crash interrupted; when that completes an interrupted rollback, it is this call's rollback
+    (run it again to walk further back). A dry run changes nothing and so completes nothing."""
     require_model(tracker, model_name)
-    with contextlib.nullcontext() if dry_run else registry_lock(tracker, model_name):
-        current = tracker.alias_version(model_name, CHAMPION)
-        if current is None:
-            raise RegistryError(f"{model_name} has no champion to roll back")
-        previous = require_version(tracker, model_name, current).tags.get(PREVIOUS_TAG, "none")
-        if previous == "none":
-            raise RegistryError(f"{model_name} v{current} was the first champion: there is no previous one")
-        require_version(tracker, model_name, previous)
-        note = f"rolled back from v{current} to v{previous}" + (f": {reason}" if reason else "")
-        decision = Decision(
-            model=model_name,
-            action="rollback",
-            outcome="rolled_back",
-            challenger=None,
-            champion_before=current,
-            champion_after=previous,
-            user=user or current_user(),
-            time=now(),
-            reasons=[note],
-            dry_run=dry_run,
-        )
-        if dry_run:
-            return decision
-        stamp = {"promotion.time": decision.time, "promotion.user": decision.user}
-        tags = {
-            current: {**stamp, "promotion.outcome": "rolled_back", "promotion.rolled_back_to": previous},
-            previous: {**stamp, "promotion.restored_from": current},
-        }
-        return record_decision(tracker, decision, tags, previous)
+    if dry_run:
+        return _rollback_decision(tracker, model_name, reason, user, dry_run=True)
+    with registry_lock(tracker, model_name) as lease:
+        completed = [d for d in recover(tracker, model_name, lease, notify) if d.outcome == "rolled_back"]
+        if completed:
+            return completed[-1]
+        return commit(tracker, lease, _rollback_decision(tracker, model_name, reason, user), notify)
+
+
+def recover_model(tracker: Tracker, model_name: str, notify: Notify | None = None) -> list[Decision]:
+    """`transflow promote --recover MODEL`: complete every half-done promotion or rollback of the model."""
+    require_model(tracker, model_name)
+    with registry_lock(tracker, model_name) as lease:
+        return recover(tracker, model_name, lease, notify)
+
+
+def _rollback_decision(
+    tracker: Tracker, model_name: str, reason: str, user: str | None, dry_run: bool = False
+) -> Decision:
+    current = tracker.alias_version(model_name, CHAMPION)
+    if current is None:
+        raise RegistryError(f"{model_name} has no champion to roll back")
+    previous = require_version(tracker, model_name, current).tags.get(PREVIOUS_TAG, "none")
+    if previous == "none":
+        raise RegistryError(f"{model_name} v{current} was the first champion: there is no previous one")
+    require_version(tracker, model_name, previous)
+    note = f"rolled back from v{current} to v{previous}" + (f": {reason}" if reason else "")
+    return Decision(
+        model=model_name,
+        action="rollback",
+        outcome="rolled_back",
+        challenger=None,
+        champion_before=current,
+        champion_after=previous,
+        user=user or current_user(),
+        time=now(),
+        reasons=[note],
+        dry_run=dry_run,
+    )
 
 
 def history(tracker: Tracker, model_name: str) -> list[dict[str, Any]]:
     """Every decision on the model, oldest first: the decision record plus its log run id and status
-    (FINISHED = applied; FAILED or RUNNING = the process or the server failed midway)."""
+    (FINISHED = applied; RUNNING = recorded, not yet completed: the next promote/rollback/--recover completes it;
+    FAILED = not applied, `abandoned` says why)."""
     runs = tracker.runs(model_name + LOG_SUFFIX)
     if not runs and not tracker.model_exists(model_name):
         raise RegistryError(f"no registered model named {model_name!r} and no promotion log for it")
     out = []
     with tempfile.TemporaryDirectory(prefix="transflow-history-") as tmp:
         for run in runs:
+            if ANCHOR_RUN_TAG in run.tags:  # the lock's anchor run, not a decision
+                continue
             raw = run.tags.get(DECISION_TAG)
             if raw is None:
                 path = tracker.run_artifact(run.run_id, "decision.jsonl", Path(tmp) / run.run_id)
                 raw = path.read_text() if path else "{}"
-            out.append(json.loads(raw) | {"log_run_id": run.run_id, "run_status": run.status})
+            entry = json.loads(raw) | {"log_run_id": run.run_id, "run_status": run.status}
+            out.append(entry | ({"abandoned": run.tags[ABANDONED_TAG]} if ABANDONED_TAG in run.tags else {}))
     return out

@@ -100,7 +100,9 @@ class Tracker:
         """Register `runs:/<run_id>/<artifact_path>` as a new version with `alias` (default `challenger`); with
         `model_id`, register that LoggedModel instead (its artifact location is the version's source).
 
-        Idempotent by run id: a retried or re-run registration returns the version it made before.
+        Exactly one version per run: a retried or re-run registration returns the version it made before, and a
+        create that the client itself retried (the server made a version, the answer was lost, the POST went
+        again) is caught by checking after the create: the run's lowest version stays, duplicates are deleted.
         """
         from mlflow.exceptions import MlflowException
 
@@ -110,17 +112,18 @@ class Tracker:
         except MlflowException as exc:
             if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
                 raise
-        existing = client.search_model_versions(f"name='{model_name}' and run_id='{run_id}'")
+        existing = self._run_versions(model_name, run_id)
         if existing:
-            version = existing[0].version
+            version = existing[0]
         else:
             if model_id:  # the location itself, not models:/<id>: MLflow would resolve that on its global URI
                 source = client.get_logged_model(model_id).artifact_location
             else:
                 source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-            version = client.create_model_version(
-                model_name, source, run_id=run_id, tags=tags, model_id=model_id
-            ).version
+            client.create_model_version(model_name, source, run_id=run_id, tags=tags, model_id=model_id)
+            version, *duplicates = self._run_versions(model_name, run_id)  # every writer keeps the lowest
+            for extra in duplicates:
+                self.delete_version(model_name, extra)
             if model_id:
                 self._link_version(model_id, model_name, str(version))
         for key, value in tags.items():
@@ -128,6 +131,10 @@ class Tracker:
         if alias.lower() != "latest":  # MLflow reserves @latest: it always means the newest version
             client.set_registered_model_alias(model_name, alias, version)
         return str(version)
+
+    def _run_versions(self, model_name: str, run_id: str) -> list[str]:
+        found = self.client.search_model_versions(f"name='{_quote(model_name)}' and run_id='{run_id}'")
+        return sorted((str(v.version) for v in found), key=int)
 
     def log_onnx(self, run_id: str, onnx_path: Path, workdir: Path, artifact_path: str = "onnx") -> None:
         """Log an ONNX file in MLflow's onnx flavour (MLmodel + model.onnx, no pickle) under the run."""
@@ -310,15 +317,16 @@ class Tracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, text, artifact_file)
 
-    def runs(self, experiment: str) -> list[RunRecord]:
-        """Every run of an experiment (any status), oldest first; [] when the experiment does not exist."""
+    def runs(self, experiment: str, status: str | None = None) -> list[RunRecord]:
+        """Every run of an experiment (or those with `status`), oldest first; [] when the experiment does not exist."""
         found = self.client.get_experiment_by_name(experiment)
         if not found:
             return []
         out, token = [], None
+        where = f"attributes.status = '{status}'" if status else ""
         while True:
             page = self.client.search_runs(
-                [found.experiment_id], order_by=["attributes.start_time ASC"], max_results=1000, page_token=token
+                [found.experiment_id], where, order_by=["attributes.start_time ASC"], max_results=1000, page_token=token
             )
             out += [RunRecord(r.info.run_id, r.info.status, r.info.start_time, dict(r.data.tags)) for r in page]
             token = page.token
@@ -347,6 +355,68 @@ class Tracker:
             if _missing(exc):
                 return None
             raise
+
+    # --- the promotion lock's tickets (tasks/registry_lock.py) and the decision's intent tags ---------------
+
+    def run_tags(self, run_id: str) -> dict[str, str]:
+        return dict(self.client.get_run(run_id).data.tags)
+
+    def run_status(self, run_id: str) -> str | None:
+        """RUNNING, FINISHED, FAILED, KILLED; None when there is no such run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return str(self.client.get_run(run_id).info.status)
+        except MlflowException as exc:
+            if _missing(exc):
+                return None
+            raise
+
+    def artifact_uri(self, run_id: str) -> str:
+        return str(self.client.get_run(run_id).info.artifact_uri)
+
+    def set_model_tag(self, name: str, key: str, value: str) -> None:
+        self.client.set_registered_model_tag(name, key, value)
+
+    def delete_model_tag(self, name: str, key: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_registered_model_tag(name, key)
+        except MlflowException as exc:
+            if not _missing(exc):
+                raise
+
+    def create_ticket(self, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
+        """A new version of the lock model: the server numbers versions atomically and never reuses a number."""
+        return str(self.client.create_model_version(name, source, run_id, tags, await_creation_for=0).version)
+
+    def tickets(self, name: str) -> list[tuple[int, int, dict[str, str]]]:
+        """The live versions of a lock model: (number, the server's last-updated stamp in ms, tags)."""
+        found = self.client.search_model_versions(f"name='{_quote(name)}'")
+        return sorted((int(v.version), int(v.last_updated_timestamp or 0), dict(v.tags)) for v in found)
+
+    def touch_version(self, name: str, version: str) -> bool:
+        """Renew a ticket (the server stamps its last-updated time with its own clock); False when it is gone."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.update_model_version(name, version, description=f"renewed {time.monotonic_ns()}")
+        except MlflowException as exc:
+            if _missing(exc):
+                return False
+            raise
+        return True
+
+    def delete_version(self, name: str, version: str) -> None:
+        """Delete a model version; one that is already gone is fine."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.delete_model_version(name, version)
+        except MlflowException as exc:
+            if not _missing(exc):
+                raise
 
     def delete_model(self, name: str) -> None:
         from mlflow.exceptions import MlflowException

@@ -461,7 +461,7 @@ def test_two_racing_promotions_leave_one_champion_and_both_decisions(tracker: An
     assert loser.champion_before == winner.challenger  # judged against the new champion, not the stale one
     log = history(tracker, model)
     assert sorted(e["log_run_id"] for e in log[1:]) == sorted(d.log_run_id for d in decisions)
-    assert tracker.model_tags(model + LOCK_SUFFIX) is None
+    assert tracker.tickets(model + LOCK_SUFFIX) == []  # both released the lock
 
 
 # --- bad input: a clear error, and nothing changed -----------------------------------------------------------
@@ -527,9 +527,9 @@ def test_server_down_midway_leaves_the_previous_champion(
     model = fresh_name()
     champion = add_version(tracker, sources, model, "bad")
     assert promote(tracker, model).promoted
-    add_version(tracker, sources, model, "good")
+    challenger = add_version(tracker, sources, model, "good")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setattr(tasks.registry_lock, "LOCK_TTL_S", 1.0)  # the dead holder's lock expires quickly
+    monkeypatch.setattr(tasks.registry_lock, "LEASE_S", 2.0)  # the dead holder's lease runs out quickly
     move = Tracker.set_alias
 
     def server_dies_first(self: Any, name: str, alias: str, version: str) -> None:
@@ -542,10 +542,15 @@ def test_server_down_midway_leaves_the_previous_champion(
     monkeypatch.setattr(Tracker, "set_alias", move)
     server.start()
     assert tracker.alias_version(model, "champion") == champion
-    log = history(tracker, model)
+    log = history(tracker, model)  # the decision was recorded as intent before the server went: not yet applied
     assert [(e["outcome"], e["run_status"]) for e in log] == [("promoted", "FINISHED"), ("promoted", "RUNNING")]
-    retried = promote(tracker, model)  # the dead attempt's lock has expired: the retry goes through
-    assert retried.promoted and tracker.alias_version(model, "champion") == retried.challenger
+    recovered = cli("promote", model, "--recover", "--tracking-uri", server.url)  # after the dead lease ran out
+    assert recovered.exit_code == 0 and "completed promote" in recovered.stdout, recovered.output
+    assert tracker.alias_version(model, "champion") == challenger
+    assert tracker.version_tags(model, challenger)["promotion.previous_champion"] == champion
+    assert [e["run_status"] for e in history(tracker, model)] == ["FINISHED", "FINISHED"]
+    again = cli("promote", model, "--recover", "--tracking-uri", server.url)
+    assert again.exit_code == 0 and "nothing half-done" in again.stdout
 
 
 def test_start_server_script_refuses_unknown_options() -> None:
@@ -582,3 +587,65 @@ def test_basic_auth_server_requires_credentials(tmp_path: Path, monkeypatch: pyt
     assert "NO_PERMISSIONS" in config.read_text()
     for private in (config, config.parent / "flask_secret_key"):
         assert private.stat().st_mode & 0o077 == 0
+
+
+USER_PROMOTES = """
+import sys
+from tasks.promote import promote_version
+from tasks.tracking import Tracker
+print("DECISION " + promote_version(Tracker(sys.argv[1]), sys.argv[2], sys.argv[3]).to_json(), flush=True)
+"""
+
+
+@integration
+def test_two_users_of_a_basic_auth_server_promote_concurrently(
+    sources: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """alice and bob, each with only the grants mlflow/README.md lists, promote at the same moment (two
+    processes): exactly one champion move, both decisions logged under their names, neither sees a 403."""
+    import os
+    import subprocess
+    import sys
+
+    from mlflow.server import get_app_client
+
+    from tasks.promote import history
+    from tasks.registry_lock import LOCK_SUFFIX, LOG_SUFFIX, prepare
+    from tasks.tracking import Tracker
+
+    secret = "s3cret-Passw0rd!"
+    env = {"MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth" / "basic_auth.ini"), "MLFLOW_AUTH_ADMIN_PASSWORD": secret}
+    with running_server(tmp_path / "server", extra_env=env, script_args=("--basic-auth",)) as srv:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
+        admin, model = Tracker(srv.url), fresh_name()
+        first = add_version(admin, sources, model, "bad")
+        assert promote(admin, model).promoted and admin.alias_version(model, "champion") == first
+        racers = [add_version(admin, sources, model, "good") for _ in range(2)]
+        prepare(admin, model)  # `transflow promote MODEL --prepare`: the lock model and the log experiment
+        auth, client = get_app_client("basic-auth", tracking_uri=srv.url), admin.client
+        experiments = {n: client.get_experiment_by_name(n).experiment_id for n in ("promote-tests", model + LOG_SUFFIX)}
+        for user in ("alice", "bob"):
+            auth.create_user(user, f"{user}-long-Passw0rd!")
+            auth.grant_user_permission(user, "registered_model", model, "MANAGE")
+            auth.grant_user_permission(user, "registered_model", model + LOCK_SUFFIX, "MANAGE")
+            auth.grant_user_permission(user, "experiment", experiments[model + LOG_SUFFIX], "EDIT")
+            auth.grant_user_permission(user, "experiment", experiments["promote-tests"], "READ")  # the versions' runs
+        procs = []
+        for user, version in zip(("alice", "bob"), racers, strict=True):
+            user_env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_USERNAME": user,
+                        "MLFLOW_TRACKING_PASSWORD": f"{user}-long-Passw0rd!"}  # fmt: skip
+            cmd = [sys.executable, "-c", USER_PROMOTES, srv.url, model, version]
+            procs.append(subprocess.Popen(cmd, env=user_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        outputs = [p.communicate(timeout=300)[0].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+        decisions = [json.loads(o.split("DECISION ", 1)[1].splitlines()[0]) for o in outputs]
+        assert sorted(d["outcome"] for d in decisions) == ["promoted", "refused"]  # the same weights: a tie
+        winner = next(d for d in decisions if d["outcome"] == "promoted")
+        assert admin.alias_version(model, "champion") == winner["challenger"]
+        log = history(admin, model)
+        assert [(e["user"], e["outcome"]) for e in log[1:]] == [
+            (d["user"], d["outcome"]) for d in sorted(decisions, key=lambda d: d["time"])
+        ]
+        assert {e["user"] for e in log[1:]} == {"alice", "bob"} and all(e["run_status"] == "FINISHED" for e in log)
+        assert sum(e["champion_before"] != e["champion_after"] for e in log) == 2  # first champion + one move

@@ -168,9 +168,62 @@ def test_sigkill_mid_stage_then_rerun_skips_finished_stages_and_matches(
     first = json.loads(next((tmp_path / "clean").glob("*/run-summary.json")).read_text())
     second = json.loads(next(out.glob("*/run-summary.json")).read_text())
     assert [s["resumed"] for s in second["stages"]] == [True, False, False]
+    # the rerun says what it took over: on the console, in the summary and as tags of its run
+    continued = second["stages"][1]["resumed_from"]
+    assert continued["epoch"] == 1 and second["stages"][2]["resumed_from"] is None
+    said = rerun.stdout + rerun.stderr
+    assert "stage probe: finished by an earlier run" in said and "continuing from checkpoint epoch 1" in said
+    assert second["resume"]["resume.skipped"] == "probe"
+    assert second["resume"]["resume.continued"].startswith("partial@epoch=1,")
+    from tasks.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{out / 'mlflow.db'}")
+    runs = {r.run_id: r for r in tracker.runs("smoke-text") if "mlflow.parentRunId" not in r.tags}
+    killed = next(r for r in runs.values() if r.run_id != second["run_id"])
+    assert killed.status == "KILLED" and killed.tags["transflow.superseded_by"] == second["run_id"]
+    new = runs[second["run_id"]]
+    assert new.status == "FINISHED" and new.tags["transflow.resumes_run"] == killed.run_id
+    assert new.tags["resume.skipped"] == "probe" and new.tags["resume.continued"].startswith("partial@epoch=1,")
     for a, b in zip(first["stages"], second["stages"], strict=True):
         assert b["test"]["macro_f1"] == pytest.approx(a["test"]["macro_f1"], abs=1e-6), a["name"]
     assert second["test"]["loss"] == pytest.approx(first["test"]["loss"], abs=1e-5)
+
+
+HOLDS_A_RUN = """
+import sys, time
+from pathlib import Path
+from tasks.run_state import owned_run
+from tasks.tracking import Tracker
+with owned_run(Tracker(sys.argv[1]), "runs", "a flow", {}, Path(sys.argv[2])) as run_id:
+    print("RUN", run_id, flush=True)
+    time.sleep(300)
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_run_killed_and_a_sigkilled_ones_run_is_closed_by_the_next(tmp_path: Path) -> None:
+    from tasks.tracking import Tracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ids = []
+    for sig in (signal.SIGKILL, signal.SIGTERM):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDS_A_RUN, uri, str(tmp_path / "work")], env=env, stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout is not None
+        said = [proc.stdout.readline() for _ in range(len(ids) + 1)]  # the second also reports the stale run
+        ids.append(said[-1].removeprefix("RUN ").strip())
+        assert len(ids) == 1 or "marked KILLED" in said[0]
+        proc.send_signal(sig)
+        proc.wait(60)
+    tracker = Tracker(uri)
+    killed, terminated = ids
+    assert tracker.run_status(killed) == "KILLED"  # closed by the next run, not left RUNNING forever
+    assert tracker.run_tags(killed)["transflow.superseded_by"] == terminated
+    assert tracker.run_tags(terminated)["transflow.resumes_run"] == killed
+    assert tracker.run_status(terminated) == "KILLED"  # ended by its own SIGTERM handler
+    assert not (tmp_path / "work" / "active-run.json").exists()
 
 
 DISK_FULL = """
