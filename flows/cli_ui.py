@@ -81,7 +81,10 @@ def start_ui(prefect_port: int, mlflow_port: int) -> dict[str, object]:
             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}", "--default-artifact-root",
             (store / "artifacts").as_uri(),
         ],
-        {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}, STATE_DIR / "mlflow.log",
+        # no job runner (GenAI judge jobs, ~8 processes): nothing here uses it
+        {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+        | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        STATE_DIR / "mlflow.log",
     )  # fmt: skip
     state: dict[str, object] = {
         "prefect_api": f"http://127.0.0.1:{prefect_port}/api",

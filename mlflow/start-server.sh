@@ -17,6 +17,8 @@
 #
 # The script `exec`s mlflow, so the PID you start is the server's: stop it with `kill PID` (SIGTERM).
 set -euo pipefail
+# MLflow 3's job runner (GenAI judge jobs) is off unless asked for: Transflow uses none, and it is ~8 processes.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(dirname "$here")"

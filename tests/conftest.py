@@ -21,6 +21,10 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# MLflow 3 servers start ~8 job-runner processes (GenAI judges) by default: the tests use none, and on 2 cores
+# each server's start costs seconds of CPU. DVC's analytics daemon likewise.
+os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
 @pytest.fixture(scope="session")
