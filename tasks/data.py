@@ -75,6 +75,7 @@ def md5_file(path: Path) -> str:
 def tree_entries(root: Path, layout: DvcLayout | None = None) -> list[dict[str, str]]:
     """DVC's listing of a directory: sorted {md5, relpath} of every file DVC tracks (DVC 3, plain md5): files
     and folders its `.dvcignore` ignores are left out, as `dvc add` leaves them out."""
+    root = root.resolve()  # DVC walks absolute paths; a relative `data` must give the same relpaths
     files = layout.files(root) if layout else sorted(p for p in root.rglob("*") if p.is_file())
     return [{"md5": md5_file(p), "relpath": p.relative_to(root).as_posix()} for p in files]
 

@@ -88,6 +88,12 @@ def test_a_worker_without_the_data_pulls_it_and_never_overwrites_changes(tmp_pat
     assert not report.ok and (repo / "data" / "train" / "0.txt").read_text() == "my edit\n"
 
 
+def test_a_relative_dvc_file_verifies_like_an_absolute_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = make_repo(tmp_path, dvcignore="*.tmp\n")
+    monkeypatch.chdir(repo)  # `transflow data verify` run from the project: data.dvc, data/ relative
+    assert verify_data(Path("data.dvc")).ok
+
+
 def test_without_a_remote_missing_data_is_reported_not_pulled(tmp_path: Path) -> None:
     import shutil
 
