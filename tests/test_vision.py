@@ -192,3 +192,13 @@ def test_a_step_budget_runs_exactly_that_many_steps_over_several_passes() -> Non
     assert rounds == 5 and [len(rounds_of(r)) for r in range(rounds)] == [5] * 5
     seen = [int(v) for r in range(rounds) for inputs, _ in rounds_of(r) for v in inputs["x"]]
     assert len(seen) >= 25 * 2 and set(seen) == set(range(10)), "passes over the whole set, reshuffled"
+
+
+def test_scratch_resnet_is_a_torchvision_encoder_that_saves_and_reloads(tmp_path: Path) -> None:
+    adapter = VisionAdapter(image_size=28, hflip=False)
+    model = adapter.build("scratch:resnet18", 4).eval()
+    x = adapter.collate(adapter.encode([np.full((28, 28), 9, np.uint8), np.eye(28, dtype=np.uint8) * 255]))
+    assert model(**x).shape == (2, 4)
+    model.encoder.save_pretrained(tmp_path / "r18")
+    again = VisionAdapter(image_size=28).build(str(tmp_path / "r18"), 4).eval()
+    torch.testing.assert_close(again.features(**x), model.features(**x))
