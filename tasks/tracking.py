@@ -201,7 +201,9 @@ class Tracker:
         now = int(time.time() * 1000)
         rows = [Metric(k, float(v), now, 0, run_id=mv.run_id, model_id=logged.model_id) for k, v in metrics.items()]
         self.client.log_batch(mv.run_id, metrics=rows, synchronous=True)
-        self.client.log_outputs(mv.run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        outputs = self.client.get_run(mv.run_id).outputs
+        if logged.model_id not in {o.model_id for o in (outputs.model_outputs if outputs else [])}:
+            self.client.log_outputs(mv.run_id, [LoggedModelOutput(logged.model_id, step=0)])  # once: a re-export
         self.client.finalize_logged_model(logged.model_id, "READY")
         return logged.model_id
 

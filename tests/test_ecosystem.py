@@ -366,3 +366,20 @@ def test_each_commands_failure_is_one_line_with_its_exit_code(
     assert not failures, "\n".join(failures)
     assert run_cli(app, ["--version"]) == 0
     assert capsys.readouterr().out.startswith("transflow ")
+
+
+def test_reexport_refreshes_the_registered_pyfunc(
+    registered: SimpleNamespace, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`transflow export` of a pyfunc version rebuilds the bundle and the version's MLflow model with it."""
+    import hashlib
+
+    from flows.cli import app
+    from flows.cli_errors import run_cli
+
+    args = ["export", f"{MODEL}@champion", "-o", str(registered.tmp / "reexport"), "--tracking-uri", registered.uri]
+    assert run_cli(app, [*args, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    local = registered.tracker.download(f"models:/{MODEL}@champion", registered.tmp / "reexported-model")
+    manifest = (local / "artifacts" / "bundle" / "manifest.json").read_bytes()
+    assert hashlib.sha256(manifest).hexdigest() == report["bundle_sha256"]
