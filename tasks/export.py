@@ -27,7 +27,7 @@ from models.batching import Batches
 from models.trainer import predict, progress, scores
 from runconfig import ExportConfig
 from tasks.export_ladder import RUNGS, calibration_slice, feeds_hash, run_ladder
-from tasks.finetune import LIVE
+from tasks.prefect_options import LIVE
 from tasks.registered_version import BUNDLE_ARTIFACT
 from tasks.tracking import Tracker
 

@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from safetensors import SafetensorError, safe_open
 
 from models import distributed
@@ -29,9 +28,9 @@ from models.stages import StageSpec, frozen_features, train_stage
 from models.trainer import FitPlan, load_state, save_state, seed_everything
 from runconfig import BackboneConfig, StageConfig, TrainingConfig
 from tasks.data import Dataset
+from tasks.prefect_options import LIVE
 from tasks.tracking import Tracker
 
-LIVE = {"cache_policy": NO_CACHE, "persist_result": False}  # tasks that take live models: nothing to hash or keep
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIG = "config.json"  # the resolved RunConfig the train flow writes into the work directory
 
