@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 from prefect import flow
 
-from tasks.lineage import parse_target
-from tasks.registered_version import CHAMPION, RegistryError, require_model
+from tasks.lineage import resolve_target
+from tasks.registered_version import CHAMPION
 from tasks.report import build_version_report
 from tasks.tracking import Tracker, resolve_tracking_uri
 
@@ -25,12 +25,7 @@ def report(
     """Rebuild the candidate report of `target` (NAME@ALIAS or NAME/VERSION) against the version `against` names
     (an alias or a version number); write it to `out` (default: ./reports/NAME-vN), log it to the version."""
     tracker = Tracker(resolve_tracking_uri(tracking_uri))
-    name, alias, version = parse_target(target)
-    require_model(tracker, name)
-    if alias:
-        version = tracker.alias_version(name, alias)
-        if version is None:
-            raise RegistryError(f"{name} has no alias {alias!r}")
+    name, version = resolve_target(tracker, target)
     out_dir = Path(out) if out else Path("reports") / f"{name}-v{version}"
     with tempfile.TemporaryDirectory(prefix="transflow-report-") as tmp:
         written = build_version_report(tracker, name, str(version), out_dir, against, work=Path(tmp), log=log)

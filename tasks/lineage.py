@@ -88,15 +88,21 @@ def parse_target(target: str) -> tuple[str, str | None, str | None]:
     raise RegistryError(f"{target!r}: expected NAME@ALIAS or NAME/VERSION (e.g. tweets-sentiment@champion)")
 
 
-def version_lineage(tracker: Tracker, target: str, depth: int = 0) -> dict[str, Any]:
-    """bundle sha256 → model version → run → data version → git commit → backbone (→ the backbone's own)."""
+def resolve_target(tracker: Tracker, target: str) -> tuple[str, str]:
+    """`NAME@ALIAS` or `NAME/VERSION` → (name, version), the model and the alias checked to exist."""
     name, alias, version = parse_target(target)
     require_model(tracker, name)
     if alias:
         version = tracker.alias_version(name, alias)
         if version is None:
             raise RegistryError(f"{name} has no alias {alias!r}")
-    record = require_version(tracker, name, str(version))
+    return name, str(version)
+
+
+def version_lineage(tracker: Tracker, target: str, depth: int = 0) -> dict[str, Any]:
+    """bundle sha256 → model version → run → data version → git commit → backbone (→ the backbone's own)."""
+    name, version = resolve_target(tracker, target)
+    record = require_version(tracker, name, version)
     tags = record.tags
     out: dict[str, Any] = {
         "bundle_sha256": tags.get("bundle_sha256"),
