@@ -22,7 +22,10 @@ def write_state(path: Path, pid: int) -> Path:
 
 
 def test_a_live_ui_server_becomes_prefect_api_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    # setenv first: monkeypatch records only what it changes, and use_local_ui sets the variable itself; without
+    # this it would leak into every later test (their subprocesses then talk to a server that is not there)
+    monkeypatch.setenv("PREFECT_API_URL", "unset-by-this-test")
+    monkeypatch.delenv("PREFECT_API_URL")
     state = write_state(tmp_path / "ui.json", os.getpid())
     assert use_local_ui(state) == "http://127.0.0.1:4999/api"
     assert os.environ["PREFECT_API_URL"] == "http://127.0.0.1:4999/api"
@@ -31,7 +34,10 @@ def test_a_live_ui_server_becomes_prefect_api_url(tmp_path: Path, monkeypatch: p
 def test_a_dead_or_overridden_ui_server_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    # setenv first: monkeypatch records only what it changes, and use_local_ui sets the variable itself; without
+    # this it would leak into every later test (their subprocesses then talk to a server that is not there)
+    monkeypatch.setenv("PREFECT_API_URL", "unset-by-this-test")
+    monkeypatch.delenv("PREFECT_API_URL")
     state = write_state(tmp_path / "ui.json", gone.pid)
     assert running_state(state) is None and use_local_ui(state) is None
     assert "PREFECT_API_URL" not in os.environ

@@ -478,7 +478,9 @@ def test_promoted_event_is_stored_and_starts_deploy_edge_for_that_version(instal
         try:
             emitted = emit_promoted("smoke-text", "3", previous="2", reason="won", tracking_uri="sqlite:///m.db")
             assert emitted is not None and emit_promoted("other", "7") is not None  # no tracking URI in this one
-            EventsWorker.drain_all()
+            # bounded: an events worker an earlier test left for a server that is gone would wait forever; the loop
+            # below still requires the event stored
+            EventsWorker.drain_all(timeout=30)
             deadline, stored, runs = time.monotonic() + 60, [], []
             while not (stored and len(runs) == 2) and time.monotonic() < deadline:
                 time.sleep(1)
