@@ -194,11 +194,14 @@ def test_tagless_ticket_honours_wait_s(tracker: Any, monkeypatch: pytest.MonkeyP
 def test_a_holder_stalled_past_its_lease_cannot_move_the_alias(tracker: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stalls (no renewal reaches the server); B passes over A's ticket after one lease, promotes v3; A wakes
     and tries to promote v2: refused by its own lease clock, and, even with a fresh-looking lease, by the fence."""
+    import tasks.registry_lock
     from tasks.promote import apply_decision, history, rollback
     from tasks.promotion_commit import commit
     from tasks.registry_lock import LeaseLost, registry_lock
     from tasks.tracking import Tracker
 
+    # A longer lease here: B's own renewals must keep up while it waits A out; 2 s lost B's lease on a loaded box
+    monkeypatch.setattr(tasks.registry_lock, "LEASE_S", 5.0)
     model, (v1, v2, v3) = model_with_versions(tracker, 3)
     assert apply_decision(tracker, promotion(model, v1, None)) is not None
     stalled: set[str] = set()
@@ -210,7 +213,7 @@ def test_a_holder_stalled_past_its_lease_cannot_move_the_alias(tracker: Any, mon
         return touch(self, name, version)
 
     monkeypatch.setattr(Tracker, "touch_version", renew)
-    with registry_lock(tracker, model, lease_s=LEASE) as lease_a:
+    with registry_lock(tracker, model, lease_s=5.0) as lease_a:
         stalled.add(str(lease_a.ticket))
         done = apply_decision(tracker, promotion(model, v3, v1))  # B, another promoter: waits one lease, wins
         assert done is not None and tracker.alias_version(model, "champion") == v3
