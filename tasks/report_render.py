@@ -88,8 +88,12 @@ def baseline_rows(r: dict[str, Any]) -> list[list[Any]]:
 
 def render_markdown(r: dict[str, Any]) -> str:
     h, e = r["header"], r["export"]
-    out = [f"# Candidate report: {h['model']} v{h['version']} against {h['against']}", "",
-           f"Built {h['built']} on data version `{h.get('data_version')}`; {h['test_size']} test examples.", ""]
+    out = [
+        f"# Candidate report: {h['model']} v{h['version']} against {h['against']}",
+        "",
+        f"Built {h['built']} on data version `{h.get('data_version')}`; {h['test_size']} test examples.",
+        "",
+    ]
     out += ["## Verdict", ""] + [f"- `{v['name']}` {'PASS' if v['ok'] else 'FAIL'}: {v['detail']}"
                                  for v in r["verdict"]]  # fmt: skip
     out += ["", "## Challenger vs champion", ""] + [f"- {line}" for line in summary_lines(r)] + [""]

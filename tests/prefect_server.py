@@ -108,6 +108,21 @@ def start_worker(home: Path, api_url: str, pool: str, *extra: str) -> Service:
     )
 
 
+def flush_to_server(timeout: float = 120) -> None:
+    """Send this process's buffered run logs and events now, while the server it ran against still listens.
+
+    Draining also stops Prefect's log and events workers, so the next flow run in this process starts new ones
+    for whatever API it is then given. A worker left running would keep the address of a server that a module
+    fixture has since stopped: every later event of the session fails against it, slowly, one after another,
+    and the interpreter's exit then waits for all of them (CI lost 45 minutes that way).
+    """
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout)
+    EventsWorker.drain_all(timeout=timeout)
+
+
 def stop(service: Service, timeout: float = 30) -> int | None:
     """Terminate by PID and wait; kill the process group (its flow-run children too) if it does not exit."""
     proc = service.proc

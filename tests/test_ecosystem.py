@@ -41,12 +41,13 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prefect server; this process's flows report to it (no temporary server)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tests.prefect_server import start_server, stop
+    from tests.prefect_server import flush_to_server, start_server, stop
 
     server, url = start_server(tmp_path_factory.mktemp("prefect-home"))
     try:
         with temporary_settings({PREFECT_API_URL: url}):
             yield url
+            flush_to_server()
     finally:
         stop(server)
 

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from runconfig import load_config
 from tasks.gpu import GpuPreflightError, preflight
-from tests.prefect_server import ROOT, Service, prefect_env, start_server, start_worker, stop
+from tests.prefect_server import ROOT, Service, flush_to_server, prefect_env, start_server, start_worker, stop
 
 integration, slow = pytest.mark.integration, pytest.mark.slow
 SMOKE = "configs/smoke-text.yaml"
@@ -53,15 +53,6 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
             flush_to_server()
     finally:
         stop(server)
-
-
-def flush_to_server() -> None:
-    """Send this process's buffered run logs and events now, while the server still listens."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    APILogWorker.drain_all()
-    EventsWorker.drain_all()
 
 
 @pytest.fixture(scope="module")
@@ -466,27 +457,43 @@ def flow_runs_of(deployment: str) -> list:
         return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[found.id])))
 
 
+EMIT_TWO_PROMOTIONS = """
+import json
+from tasks.events import emit_promoted
+first = emit_promoted("smoke-text", "3", previous="2", reason="won", tracking_uri="sqlite:///m.db")
+second = emit_promoted("other", "7")  # no tracking URI in this one
+print(json.dumps([None if e is None else str(e.id) for e in (first, second)]))
+"""
+
+
 @integration
 @slow
-def test_promoted_event_is_stored_and_starts_deploy_edge_for_that_version(installed: str) -> None:
+def test_promoted_event_is_stored_and_starts_deploy_edge_for_that_version(installed: str, prefect_api: Api) -> None:
     from prefect.events.filters import EventFilter, EventNameFilter
-    from prefect.events.worker import EventsWorker
 
-    from tasks.events import PROMOTED, emit_promoted
+    from tasks.events import PROMOTED
 
     with pool_paused("cpu"):  # the deploy-edge run is counted, not run
         try:
-            emitted = emit_promoted("smoke-text", "3", previous="2", reason="won", tracking_uri="sqlite:///m.db")
-            assert emitted is not None and emit_promoted("other", "7") is not None  # no tracking URI in this one
-            # bounded: an events worker an earlier test left for a server that is gone would wait forever; the loop
-            # below still requires the event stored
-            EventsWorker.drain_all(timeout=30)
+            # emitted from its own process, as the promote flow does: this test process's events worker may still
+            # hold a queue of events from earlier tests, sent one slow failure at a time, ahead of ours
+            sent = subprocess.run(
+                [sys.executable, "-c", EMIT_TWO_PROMOTIONS],
+                env=prefect_env(prefect_api.home, prefect_api.url),
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert sent.returncode == 0, sent.stderr[-3000:]
+            event_id, other_id = json.loads(sent.stdout.strip().splitlines()[-1])
+            assert event_id is not None and other_id is not None, "no event emitted although the API is reachable"
             deadline, stored, runs = time.monotonic() + 60, [], []
             while not (stored and len(runs) == 2) and time.monotonic() < deadline:
                 time.sleep(1)
                 with sync_client() as client:
                     page = client.read_events(EventFilter(event=EventNameFilter(name=[PROMOTED])), limit=50)
-                stored = [e for e in page.events if e.id == emitted.id]
+                stored = [e for e in page.events if str(e.id) == event_id]
                 runs = flow_runs_of("deploy-edge/deploy-edge")
             assert stored, "event not stored by the server"
             assert stored[0].resource.id == "transflow.model.smoke-text"

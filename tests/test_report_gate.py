@@ -31,7 +31,7 @@ def gate(tags: dict[str, str], required: bool = True) -> GateInputs:
                       require_significance=required, significance_level=0.05)  # fmt: skip
 
 
-CHAMPION = VersionRecord("m", "1", "run1", {"classes": "[\"a\"]"}, ["champion"], "src")
+CHAMPION = VersionRecord("m", "1", "run1", {"classes": '["a"]'}, ["champion"], "src")
 
 
 def test_a_non_significant_challenger_is_refused_and_the_report_line_is_named() -> None:

@@ -35,4 +35,3 @@ def test_no_pickle_deserialisation_in_product_code() -> None:
         if pattern.search(line)
     ]
     assert not offenders, offenders
-

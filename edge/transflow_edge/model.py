@@ -24,6 +24,8 @@ log = logging.getLogger("transflow.edge")
 
 LABELS = "labels.json"
 GOLDEN = "golden.json"
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A verified bundle with its session and preprocessor: immutable, so a swap is one assignment."""
