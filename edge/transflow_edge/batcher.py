@@ -169,6 +169,8 @@ class MicroBatcher:
                 remaining[k] -= 1
                 if remaining[k] == 0:
                     jobs[k].future.set_result(out[starts[k] : starts[k + 1]].copy())
+            if model.drift is not None:  # after this call's answers are handed back: off their response path
+                model.drift.observe_outputs(logits)
 
 
 class _Arrival:

@@ -13,6 +13,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from transflow_edge.drift import DriftCollector
 from transflow_edge.model import LoadedModel
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -65,6 +66,7 @@ class Metrics:
             registry=registry,
         )
         self._shown: LoadedModel | None = None
+        registry.register(DriftCollector(lambda: self._shown))  # PSI per statistic of the model shown (drift.py)
 
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         method = method if method in METHODS else "other"

@@ -17,6 +17,7 @@ import onnxruntime as ort
 
 from transflow_edge import preprocess
 from transflow_edge.bundle import Bundle, BundleError
+from transflow_edge.drift import DriftTracker, load_reference
 from transflow_edge.preprocess import IMAGE_FORMATS, PreprocessError, Preprocessor
 
 log = logging.getLogger("transflow.edge")
@@ -38,6 +39,7 @@ class LoadedModel:
     output_name: str
     loaded_at: str = ""
     golden: dict[str, Any] = field(default_factory=dict)
+    drift: DriftTracker | None = None  # this version's live statistics; None: the bundle has no reference
 
     @property
     def name(self) -> str:
@@ -52,10 +54,17 @@ class LoadedModel:
         return self.preprocessor.modality
 
     def prepare(self, items: Sequence[Any]) -> list[Any]:
-        """Per-item arrays; images arrive base64-encoded from JSON and are decoded here."""
+        """Per-item arrays; images arrive base64-encoded from JSON and are decoded here. Counted into this
+        version's drift statistics (inputs that fail to prepare are not)."""
+        sizes: list[int] = []
         if self.modality == "image":
-            items = [b64decode_image(item, i) for i, item in enumerate(items)]
-        return self.preprocessor.prepare(items)
+            decode = self.preprocessor.decode  # type: ignore[union-attr]
+            items = [decode(b64decode_image(item, i), i) for i, item in enumerate(items)]
+            sizes = [image.width * image.height for image in items]
+        prepared = self.preprocessor.prepare(items)
+        if self.drift is not None:
+            self.drift.observe_inputs(prepared, sizes)
+        return prepared
 
     def logits(self, prepared: Sequence[Any]) -> np.ndarray:
         features = self.preprocessor.collate(prepared)
@@ -142,7 +151,9 @@ def _load_model(
     model = LoadedModel(
         bundle, session, preprocessor, labels, feed_names, output_name, datetime.now(UTC).isoformat(timespec="seconds")
     )
-    return replace(model, golden=check_golden(model))
+    model = replace(model, golden=check_golden(model))  # the golden inputs are not live traffic: counted by nobody
+    reference = load_reference(bundle, preprocessor.modality, len(labels))
+    return model if reference is None else replace(model, drift=DriftTracker(reference, preprocessor))
 
 
 def check_golden(model: LoadedModel) -> dict[str, Any]:
