@@ -9,6 +9,7 @@ from typing import Any
 from uuid import UUID
 
 PROMOTED = "transflow.model.promoted"
+DRIFT_DETECTED = "transflow.drift.detected"
 
 
 def model_resource(model_name: str, version: str) -> dict[str, str]:
@@ -52,4 +53,15 @@ def emit_promoted(
         resource=model_resource(model_name, version),
         payload=payload,
         id=UUID(event_id) if event_id else None,
+    )
+
+
+def emit_drift_detected(model_name: str, version: str, event_id: str, **figures: Any) -> Any:
+    """Emit `transflow.drift.detected` for one model version (`flows/watch_drift.py`): the fleet's PSI per statistic
+    and which crossed the threshold, in the payload. A fixed `event_id` makes a resend after a crash the same event."""
+    from prefect.events import emit_event
+
+    payload = {"model_name": model_name, "version": str(version), **figures}
+    return emit_event(
+        event=DRIFT_DETECTED, resource=model_resource(model_name, version), payload=payload, id=UUID(event_id)
     )

@@ -26,6 +26,7 @@ from models.backbone import Adapter, OnnxSignature, TransferModel
 from models.batching import Batches
 from models.trainer import predict, progress, scores
 from runconfig import ExportConfig
+from tasks.drift_reference import write_reference_stats
 from tasks.export_ladder import RUNGS, calibration_slice, feeds_hash, run_ladder
 from tasks.prefect_options import LIVE
 from tasks.registered_version import BUNDLE_ARTIFACT
@@ -213,6 +214,7 @@ def build_bundle(
     (bundle / "preprocessing.json").write_text(json.dumps(preprocessing, indent=2) + "\n")
     (bundle / "labels.json").write_text(json.dumps(classes) + "\n")
     write_golden(bundle, adapter, default, raw_test_items)
+    drift_reference = write_reference_stats(bundle, default, raw_test_items, len(classes), adapter.golden_input)
     metrics = {"fp32": fp32_scores, "int8": int8_scores, "int8_delta_pt": round(delta, 3), "fp32_max_abs_diff": diff}
     write_model_card(bundle / "README.md", meta, classes, metrics, reason)
     manifest_meta = {
@@ -227,6 +229,7 @@ def build_bundle(
         "parity": {"fp32_max_abs_diff": diff, "argmax_agreement": agreement, "atol": FP32_ATOL, "passed": parity},
         "int8": {"shipped": shipped, "reason": reason, "rung": walked["shipped"] if walked else "fp32"},
         "ladder": walked,  # every rung tried, the calibration slice's hash: intrinsic to this bundle
+        "drift_reference": drift_reference,  # the test split's statistics for the edge's drift scores
     }
     write_manifest(bundle, manifest_meta)
     verified = verify_bundle(bundle)
