@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli_deploy import deploy_cmd
+from flows.cli_drift import watch_drift_cmd
 from flows.cli_edge import edge_app
 from flows.cli_errors import EXIT_BAD_INPUT, fail, run_cli
 from flows.cli_registry import lineage_cmd, promote_cmd, rollback_cmd
@@ -46,6 +47,7 @@ app.command("lineage")(lineage_cmd)
 app.command("report")(report_cmd)
 app.add_typer(schedule_app, name="schedule")
 app.command("ui")(ui_cmd)
+app.command("watch-drift")(watch_drift_cmd)
 
 CONFIG_OPT = typer.Option(..., "--config", "-c", help="YAML run config (see configs/).")
 SET_OPT = typer.Option([], "--set", help="Override a config value: --set training.seed=7 (repeatable).")

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from transflow_edge import __version__, schemas, v2
+from transflow_edge import __version__, drift, schemas, v2
 from transflow_edge.bundle import BundleError
 from transflow_edge.guards import BodyDeadline, head_deadline_protocol
 from transflow_edge.metrics import MetricsMiddleware
@@ -105,6 +105,11 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/v1/model")
     async def model_info() -> dict[str, Any]:
         return state.describe(require_model())
+
+    @app.get("/v1/drift")
+    async def drift_info() -> dict[str, Any]:
+        """The served version's drift: PSI per statistic against its bundle's reference, and the live counts."""
+        return drift.describe(require_model())
 
     @app.get("/metrics")
     async def metrics() -> Response:

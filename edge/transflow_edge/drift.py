@@ -41,6 +41,7 @@ MAX_NUMERIC_EDGES = 63  # at most 64 bins per numeric statistic
 MAX_CLASSES = 4096
 PSI_FLOOR = 1e-4
 DEFAULT_BINS = 10
+WINDOW = 2000  # a score covers the last 1,000 to 2,000 live inputs; see DriftTracker
 STATISTICS = {
     "text": ("length_tokens", "unknown_rate", "predicted_class", "confidence"),
     "image": ("pixels", "brightness", "predicted_class", "confidence"),
@@ -199,26 +200,36 @@ def load_reference(bundle: Bundle, modality: str, classes: int) -> Reference | N
 
 
 class DriftTracker:
-    """Fixed-size counts of one model version's live traffic in its reference's bins; thread-safe, O(bins)."""
+    """Fixed-size counts of one model version's live traffic in its reference's bins; thread-safe, O(bins).
 
-    def __init__(self, reference: Reference, preprocessor: Any) -> None:
-        self.reference, self.preprocessor = reference, preprocessor
+    Scores cover the recent past, not everything since the version loaded (a shift after a month of steady
+    traffic must still show): two generations of counts per statistic, the newer replacing the older once it
+    holds `window / 2` inputs, so a score always covers the last `window / 2` to `window` inputs. `total` counts
+    everything since the version loaded."""
+
+    def __init__(self, reference: Reference, preprocessor: Any, window: int = WINDOW) -> None:
+        self.reference, self.preprocessor, self.half = reference, preprocessor, max(1, window // 2)
         self._unk = unknown_token_id(preprocessor) if preprocessor.modality == "text" else None
         self.started = time.time()
-        classes = len(reference.proportions["predicted_class"])
-        self._classes = classes
-        self._counts = {name: np.zeros(len(p), dtype=np.int64) for name, p in reference.proportions.items()}
+        self._classes = len(reference.proportions["predicted_class"])
+        zeros = {name: np.zeros(len(p), dtype=np.int64) for name, p in reference.proportions.items()}
+        self._newer = {name: z.copy() for name, z in zeros.items()}
+        self._older = zeros
+        self._total = dict.fromkeys(zeros, 0)
         self._lock = threading.Lock()
 
     def observe(self, values: dict[str, np.ndarray]) -> None:
         binned = {
             name: bin_counts(name, v, self.reference.edges[name], self._classes)
             for name, v in values.items()
-            if name in self._counts and len(v)
+            if name in self._newer and len(v)
         }
         with self._lock:
             for name, counts in binned.items():
-                self._counts[name] += counts
+                self._newer[name] += counts
+                self._total[name] += int(counts.sum())
+                if self._newer[name].sum() >= self.half:
+                    self._older[name], self._newer[name] = self._newer[name], np.zeros_like(counts)
 
     def observe_inputs(self, prepared: Sequence[Any], sizes: Sequence[int] = ()) -> None:
         self.observe(input_values(self.preprocessor, prepared, sizes, self._unk))
@@ -227,9 +238,11 @@ class DriftTracker:
         self.observe(output_values(logits))
 
     def snapshot(self) -> dict[str, Any]:
-        """Per statistic: PSI, observations, the counts and the reference (so a fleet can add counts up)."""
+        """Per statistic: PSI and observations over the window, the window's counts and the reference (so a fleet
+        can add counts up), and the total since the version loaded."""
         with self._lock:
-            counts = {name: c.copy() for name, c in self._counts.items()}
+            counts = {name: self._newer[name] + self._older[name] for name in self._newer}
+            totals = dict(self._total)
         stats = {}
         for name, c in counts.items():
             edges = self.reference.edges[name]
@@ -237,12 +250,13 @@ class DriftTracker:
             stats[name] = {
                 "psi": None if math.isnan(value) else round(value, 6),
                 "count": int(c.sum()),
+                "total": totals[name],
                 "counts": c.tolist(),
                 "reference": [round(float(x), 8) for x in self.reference.proportions[name]],
                 **({} if edges is None else {"edges": edges.tolist()}),
             }
         return {"available": True, "since": self.started, "reference_count": self.reference.count,
-                "floor": PSI_FLOOR, "statistics": stats}  # fmt: skip
+                "window": 2 * self.half, "floor": PSI_FLOOR, "statistics": stats}  # fmt: skip
 
 
 def describe(model: Any) -> dict[str, Any]:
