@@ -29,6 +29,8 @@ from flows.cli_report import report_cmd
 from flows.cli_schedule import schedule_app
 from flows.cli_ui import ui_cmd, use_local_ui
 from flows.prefect_env import apply_prefect_defaults
+from flows.temp_server import enable as enable_temporary_server
+from flows.temp_server import ensure_prefect_api
 from runconfig import ConfigError, DataConfig, load_config, load_pretrain_config
 
 console = Console()
@@ -207,6 +209,7 @@ def retrain_cmd(
         report = ensure_data(cfg.data.dvc_file)
         if not report.ok:
             fail(f"data does not match {cfg.data.dvc_file}: {'; '.join(report.problems[:5])}")
+    ensure_prefect_api()  # the guarded temporary server, if no Prefect API is configured
     from flows.retrain import retrain
 
     def call() -> dict[str, Any]:
@@ -225,6 +228,7 @@ app.command("run", hidden=True)(retrain_cmd)  # the name of earlier releases, ke
 def pretrain(config: Path = CONFIG_OPT, overrides: list[str] = SET_OPT) -> None:
     """Pretrain a backbone (MIM or supervised for ViT, MLM for text) and register it as NAME@latest."""
     load_pretrain_config(config, overrides)  # ConfigError: exit 2
+    ensure_prefect_api()  # the guarded temporary server, if no Prefect API is configured
     from flows.pretrain import pretrain_flow
 
     pretrain_flow(str(config), list(overrides))
@@ -244,6 +248,7 @@ def experiment_transfer(
     out: Path = typer.Option(Path("runs/experiments/transfer"), help="Where the table goes."),
 ) -> None:
     """Pretrained vs from-scratch ViT on low-resource targets, staged vs single full fine-tune: one table."""
+    ensure_prefect_api()  # the guarded temporary server, if no Prefect API is configured
     from flows.experiment import transfer_experiment
 
     transfer_experiment(str(config), target or None, init or None, list(overrides), str(out), pretrain)
@@ -259,6 +264,7 @@ def export(
     """Export a registered model to ONNX (parity-checked, optimised, int8) and write its verified bundle.
 
     Exit code 1 when the export fails its parity check, 2 for an unknown model, version or alias."""
+    ensure_prefect_api()  # the guarded temporary server, if no Prefect API is configured
     from flows.export import export_model
 
     if json_out:
@@ -275,6 +281,7 @@ def export(
 def main() -> None:
     apply_prefect_defaults()
     use_local_ui()  # a running `transflow ui` server: every command reports to it (no temporary server)
+    enable_temporary_server()  # flow commands: Prefect's temporary server, guarded (flows/temp_server.py)
     sys.exit(run_cli(app))
 
 

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli_errors import EXIT_BAD_INPUT, fail
+from flows.temp_server import ensure_prefect_api
 
 console = Console()
 
@@ -36,6 +37,7 @@ def deploy_cmd(
     targets, token_env, tracking_uri = _with_config(config, list(targets), token_env, tracking_uri)
     if not targets:
         fail("deploy: no targets: give --target URL (repeatable) or deploy.targets in the run config", EXIT_BAD_INPUT)
+    ensure_prefect_api()  # the guarded temporary server, if no Prefect API is configured
     from flows.deploy import deploy
 
     if json_out:  # the flow's logs go to stderr; stdout carries only the outcome

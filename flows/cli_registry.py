@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.tree import Tree
 
 from flows.cli_errors import EXIT_BAD_INPUT, fail
+from flows.temp_server import ensure_prefect_api
 
 console = Console()
 T = TypeVar("T")
@@ -74,6 +75,7 @@ def promote_cmd(
     if recover or prepare:
         _recover_or_prepare(model, tracking_uri, prepare)
         return
+    ensure_prefect_api()  # the guarded temporary server, if no Prefect API is configured
     from flows.promote import promote
 
     decision: dict[str, Any] = _guarded(
@@ -96,6 +98,7 @@ def rollback_cmd(
 
     Logged like a promotion (who, when, from, to, why).
     Repeat to walk further back."""
+    ensure_prefect_api()  # the guarded temporary server, if no Prefect API is configured
     from flows.promote import rollback
 
     decision: dict[str, Any] = _guarded(lambda: rollback(model, reason, dry_run, tracking_uri))
@@ -148,6 +151,7 @@ def _recover_or_prepare(model: str, tracking_uri: str | None, prepare: bool) -> 
             f"{names} ready: grant promoters MANAGE on both models, EDIT on the experiment (mlflow/README.md)"
         )
         return
+    ensure_prefect_api()  # the guarded temporary server, if no Prefect API is configured
     from flows.promote import recover
 
     done: list[dict[str, Any]] = _guarded(lambda: recover(model, tracking_uri))

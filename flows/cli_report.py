@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from flows.cli_registry import TRACKING_OPT, _guarded
+from flows.temp_server import ensure_prefect_api
 
 console = Console()
 
@@ -25,6 +26,7 @@ def report_cmd(
     """Candidate report: challenger vs champion on the same test split (difference with a paired bootstrap CI,
     McNemar, per-class deltas, confusion matrices), export ladder, latency per runtime with the CPU's
     instruction set, lineage and model card, as one self-contained HTML page, Markdown and JSON."""
+    ensure_prefect_api()  # the guarded temporary server, if no Prefect API is configured
     from flows.report import report
 
     written = _guarded(lambda: report(target, against, str(out) if out else None, tracking_uri, log))
