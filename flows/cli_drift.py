@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli_errors import EXIT_BAD_INPUT, fail
+from flows.temp_server import ensure_prefect_api
 
 console = Console()
 
@@ -35,6 +36,7 @@ def watch_drift_cmd(
     json_out: bool = typer.Option(False, "--json", help="Print the outcome as JSON on stdout."),
 ) -> None:
     """Score the fleet's drift (PSI per statistic vs each bundle's test split) and emit transflow.drift.detected."""
+    ensure_prefect_api()  # the guarded temporary server, if no Prefect API is configured
     from flows.watch_drift import DriftWatchError, watch_drift
     from runconfig import ConfigError
 
