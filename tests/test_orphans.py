@@ -187,3 +187,26 @@ def test_what_the_guard_prevents_prefects_own_temporary_server_outlives_a_sigkil
         command.kill()
         command.wait()
         kill_all(server)
+
+
+def test_every_command_that_imports_a_flow_starts_the_guarded_server_first() -> None:
+    """A flow command that forgets `ensure_prefect_api()` falls back to Prefect's own, unguarded server."""
+    import ast
+
+    flow_modules = {f"flows.{p.stem}" for p in (ROOT / "flows").glob("*.py") if "@flow(" in p.read_text()}
+    checked = []
+    for path in sorted((ROOT / "flows").glob("cli*.py")):
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            nodes = list(ast.walk(fn))
+            ensured = [
+                n.lineno for n in nodes if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "ensure_prefect_api"
+            ]
+            for node in nodes:
+                if isinstance(node, ast.ImportFrom) and node.module in flow_modules:
+                    where = f"{path.name}:{node.lineno} {fn.name}"
+                    assert ensured and min(ensured) < node.lineno, f"{where} imports {node.module} before ensuring"
+                    checked.append(fn.name)
+    # retrain, pretrain, experiment, export, deploy, promote, rollback, recover, report, watch-drift
+    assert len(checked) >= 10, checked
