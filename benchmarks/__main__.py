@@ -54,6 +54,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "pipeline": Benchmark("benchmarks.bench_pipeline"),
     "limits": Benchmark("benchmarks.bench_limits", takes_model=True),
     "vision_loop": Benchmark("benchmarks.bench_vision_loop"),
+    "drift": Benchmark("benchmarks.bench_drift"),  # the fixture models: drift scores and tracking's live-path cost
 }
 
 
