@@ -61,6 +61,7 @@ def ensure_prefect_api() -> str | None:
     server = start_server(float(settings.server.ephemeral.startup_timeout_seconds))
     atexit.register(server.stop)  # registered before Prefect's exit hooks: runs after they drained to the server
     os.environ["PREFECT_API_URL"] = server.api_url
+    os.environ.setdefault("PREFECT_UI_URL", "")  # no "View at" links: the UI is off and the server ends with us
     print(f"Prefect: temporary server {server.api_url} (ready in {server.started_s} s; it stops with this command)",
           file=sys.stderr)  # fmt: skip
     from prefect.context import refresh_global_settings_context
