@@ -56,7 +56,7 @@ def servers(bundles: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
         yield {"text": text, "image": image}
 
 
-def send(url: str, inputs: list, per_request: int = 10) -> None:
+def send(url: str, inputs: list, per_request: int = 50) -> None:
     with httpx.Client(base_url=url, timeout=30) as client:
         for i in range(0, len(inputs), per_request):
             response = client.post("/v1/predict", json={"inputs": inputs[i : i + per_request]})

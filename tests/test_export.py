@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from transflow_edge.bundle import BundleError, pack, safe_extract, verify_bundle
+from transflow_edge.model import load_model
 
 from models.text import TextAdapter
 from runconfig import DataConfig
@@ -94,6 +95,9 @@ def test_bundle_is_complete_self_describing_and_round_trips(exported: object, tm
     golden = bundle.json("golden.json")
     assert len(golden["inputs"]) == len(golden["logits"]) == len(golden["labels"]) == 8
     assert "data version" in bundle.path("README.md").read_text()
+    reference = bundle.manifest["drift_reference"]  # the test split's drift statistics, checked by the edge's loader
+    assert reference["file"] == "reference_stats.json" in files and reference["model"] == exported.default_model
+    assert load_model(bundle).drift.reference.count == reference["items"] > 0
     extracted = verify_bundle(safe_extract(Path(exported.bundle_tar), tmp_path / "x"))
     assert extracted.sha256 == bundle.sha256
     again = pack(Path(exported.bundle_dir), tmp_path / "again.tar.gz")
