@@ -1,5 +1,8 @@
-"""The vision modality adapter: reading ImageFolder trees and `.npy` arrays (and, with the vision
-issue, transforms, the ViT backbone and its ONNX input spec)."""
+"""The vision modality adapter: reading ImageFolder trees and `.npy` arrays, batch augmentation, the backbone
+(scratch ViTs, saved Hugging Face ViT directories, torchvision ViT/ResNet weights) and its ONNX input spec.
+
+PIL, scikit-learn and transformers are imported where they are used: the CLI and the edge-facing helpers import
+this module without needing them."""
 
 from __future__ import annotations
 
@@ -11,15 +14,15 @@ import numpy as np
 import torch
 
 from models.augment import AugmentSpec, BatchAugment
+from models.backbone import ENCODER_DIR, MODEL_META, BackboneError, TransferModel
 from models.image_cache import ImageCache, decode_rgb
 from models.small_vit import SCRATCH_VITS, load_vit_dir, scratch_vit
+from models.torchvision_backbone import IMAGENET_MEAN, IMAGENET_STD, TorchvisionEncoder, load_torchvision
 
 __all__ = ["SCRATCH_VITS", "ImageCache", "VisionAdapter", "load_image", "scratch_vit"]
 
 if TYPE_CHECKING:
     from PIL import Image
-
-    from models.backbone import TransferModel
 
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "valid", "val"), "test": ("test",)}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -142,8 +145,6 @@ class VisionAdapter:
         return cls(**{k: settings[k] for k in keys if settings.get(k) is not None})
 
     def build(self, source: str, num_labels: int) -> TransferModel:
-        from models.backbone import BackboneError, TransferModel
-
         try:
             encoder = self._encoder(source)
         except (OSError, ValueError, RuntimeError) as exc:
@@ -154,17 +155,11 @@ class VisionAdapter:
         return TransferModel(encoder, ClsPool(), encoder.config.hidden_size, num_labels)
 
     def _encoder(self, source: str) -> Any:
-        from models.backbone import ENCODER_DIR, MODEL_META, BackboneError
-
         if source.startswith("scratch:resnet"):  # a random torchvision ResNet: the start of its pretraining
-            from models.torchvision_backbone import TorchvisionEncoder
-
             return TorchvisionEncoder(source.removeprefix("scratch:"), self.image_size)
         if source.startswith("scratch:"):
             return scratch_vit(source.removeprefix("scratch:"), self.image_size)
         if source.startswith("torchvision:"):
-            from models.torchvision_backbone import IMAGENET_MEAN, IMAGENET_STD, load_torchvision
-
             if self.mean == DEFAULT_MEAN and self.std == DEFAULT_STD:
                 self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
             return load_torchvision(source, self.image_size)
@@ -176,8 +171,6 @@ class VisionAdapter:
         elif not path.exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
             raise BackboneError(f"backbone path {source} does not exist")
         if (path / "torchvision.json").is_file():
-            from models.torchvision_backbone import TorchvisionEncoder
-
             return TorchvisionEncoder.from_pretrained(path)
         if path.is_dir() and not (path / "config.json").is_file():
             raise BackboneError(f"{path}: not a model directory (no config.json)")
