@@ -38,8 +38,13 @@ def watch_drift_cmd(
     """Score the fleet's drift (PSI per statistic vs each bundle's test split) and emit transflow.drift.detected."""
     ensure_prefect_api()  # the guarded temporary server, if no Prefect API is configured
     from flows.watch_drift import DriftWatchError, watch_drift
-    from runconfig import ConfigError
+    from runconfig import ConfigError, load_config
 
+    try:  # before any flow run: a missing config or target is bad input (exit 2)
+        if not targets and not load_config(config, overrides).deploy.targets:
+            fail(f"watch-drift: no targets: give --target URL or deploy.targets in {config}", EXIT_BAD_INPUT)
+    except ConfigError as exc:
+        fail(exc, EXIT_BAD_INPUT)
     args = (targets or None, config, overrides, threshold, min_count, cooldown_hours, retrain, deployment)
     try:
         if json_out:  # the flow's logs go to stderr; stdout carries only the outcome
