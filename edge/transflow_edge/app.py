@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from transflow_edge import __version__, drift, schemas, v2
 from transflow_edge.bundle import BundleError
+from transflow_edge.candidate import parse_options
 from transflow_edge.guards import BodyDeadline, head_deadline_protocol
 from transflow_edge.metrics import MetricsMiddleware
 from transflow_edge.model import LoadedModel
@@ -118,7 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
     def parse_and_prepare(body: bytes, content_type: str, model: LoadedModel) -> dict[str, Any]:
         items = parse_inputs(body, content_type, model, settings)
         try:
-            return {"prepared": model.prepare(items)}
+            return {"prepared": model.prepare(items), "items": items}
         except PreprocessError as exc:
             raise ApiError(422, str(exc)) from None
 
@@ -132,16 +133,23 @@ def create_app(settings: Settings) -> FastAPI:
                 raise ApiError(503, "overloaded: too many queued inputs, retry shortly", {"Retry-After": "1"}) from None
             except RuntimeError:
                 raise ApiError(503, "the server is shutting down") from None
-        return parsed, await asyncio.wrap_future(future)
+        began = time.perf_counter()
+        logits = await asyncio.wrap_future(future)
+        parsed["infer_s"] = time.perf_counter() - began  # prepared inputs to logits: what candidates are judged by
+        return parsed, logits
 
     @app.post("/v1/predict", openapi_extra=schemas.PREDICT)
     async def predict(request: Request) -> JSONResponse:
         started = time.perf_counter()
-        model = require_model()  # this request uses this model to the end, whatever is swapped in meanwhile
+        # this request uses this model to the end, whatever is swapped in meanwhile (a canary: maybe the candidate)
+        model, role, held = state.candidates.route(request.headers, require_model())
         content_type = request.headers.get("content-type", "")
         check_predict_type(content_type, model)
         body = await read_body(request, settings.max_body_bytes, max_parts=settings.max_items)
-        _, logits = await run_model(partial(parse_and_prepare, body, content_type, model), model)
+        with state.candidates.serving(held, role) as timing:
+            parsed, logits = await run_model(partial(parse_and_prepare, body, content_type, model), model)
+            timing["seconds"] = parsed["infer_s"]
+        state.candidates.mirror(held, role, model, parsed, logits)  # shadow copy: queued or dropped, never waited on
         answer = {
             "predictions": predictions(model, logits),
             "model": {"name": model.name, "version": model.version},
@@ -207,6 +215,32 @@ def create_app(settings: Settings) -> FastAPI:
             raise ApiError(422, f"bundle rejected, still serving the previous model: {exc}") from None
         finally:
             await run_in_threadpool(shutil.rmtree, work, True)
+
+    @app.post("/v1/admin/candidate")
+    async def upload_candidate(request: Request) -> dict[str, Any]:
+        require_admin(request)
+        q = request.query_params
+        options = parse_options(q.get("mode"), q.get("fraction"), q.get("sticky"))
+        work = state.store.new_staging()
+        try:
+            archive = work / "upload.tar.gz"
+            await receive_archive(request, archive, settings.max_upload_bytes, workers)
+            return await run_in_threadpool(state.candidates.install, archive, work, options)
+        except BundleError as exc:
+            raise ApiError(422, f"candidate rejected, the live model is unchanged: {exc}") from None
+        finally:
+            await run_in_threadpool(shutil.rmtree, work, True)
+
+    @app.post("/v1/admin/candidate/{action}")
+    async def candidate_action(action: str, request: Request) -> dict[str, Any]:
+        require_admin(request)
+        calls = {"promote": state.candidates.promote, "drop": state.candidates.drop}
+        if action not in calls:
+            raise ApiError(404, "unknown candidate action: promote or drop")
+        try:
+            return await run_in_threadpool(calls[action])
+        except LookupError as exc:
+            raise ApiError(409, str(exc)) from None
 
     @app.post("/v1/admin/rollback")
     async def rollback(request: Request) -> dict[str, Any]:

@@ -95,3 +95,29 @@ class EdgeClient:
 
     def rollback(self) -> dict[str, Any]:
         return self.request("POST", "/v1/admin/rollback", headers=self._admin()).json()
+
+    # -- a candidate beside the live model (shadow or canary; see candidate.py)
+
+    def upload_candidate(
+        self, archive: Path, mode: str = "shadow", fraction: float | None = None, sticky: str | None = None
+    ) -> dict[str, Any]:
+        """Send a bundle .tar.gz as the candidate; verified and golden-checked like an upload, not swapped in."""
+        params: dict[str, Any] = {"mode": mode}
+        if fraction is not None:
+            params["fraction"] = fraction
+        if sticky:
+            params["sticky"] = sticky
+        with archive.open("rb") as body:
+            headers = {**self._admin(), "Content-Type": "application/gzip"}
+            return self.request("POST", "/v1/admin/candidate", params=params, content=body, headers=headers).json()
+
+    def candidate(self) -> dict[str, Any] | None:
+        """The candidate and its figures (`candidate` in `GET /v1/model`); None when there is none."""
+        info = self.model()
+        return None if info is None else info.get("candidate")
+
+    def promote_candidate(self) -> dict[str, Any]:
+        return self.request("POST", "/v1/admin/candidate/promote", headers=self._admin()).json()
+
+    def drop_candidate(self) -> dict[str, Any]:
+        return self.request("POST", "/v1/admin/candidate/drop", headers=self._admin()).json()

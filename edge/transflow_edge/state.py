@@ -12,6 +12,8 @@ from typing import Any
 
 from transflow_edge.batcher import MicroBatcher
 from transflow_edge.bundle import Bundle, BundleError, safe_extract, verify_bundle
+from transflow_edge.candidate import CandidateSlot
+from transflow_edge.candidate_metrics import CandidateCollector
 from transflow_edge.metrics import Metrics
 from transflow_edge.model import LoadedModel, load_model
 from transflow_edge.settings import Settings
@@ -45,6 +47,8 @@ class EdgeState:
         self.error: str | None = "no bundle loaded yet"
         self._admin = threading.Lock()  # the swap and the state file: held for milliseconds
         self._checking = threading.Lock()  # one bundle verified and loaded at a time; rollbacks do not wait for it
+        self.candidates = CandidateSlot(self)  # a candidate beside the live model: shadow or canary
+        self.metrics.registry.register(CandidateCollector(self.candidates))
 
     # -- start and stop
 
@@ -61,11 +65,13 @@ class EdgeState:
                 self.error = f"current bundle failed verification: {exc}"
                 self.metrics.observe_load("startup", "rejected")
                 log.error("%s; not ready until a bundle is uploaded or rolled back to", self.error)
+        self.candidates.restore()
 
     def close(self) -> None:
         if self.watcher is not None:
             self.watcher.stop()
         self.batcher.stop()
+        self.candidates.close()
         self.store.close()
         if self._temp_root is not None:
             shutil.rmtree(self._temp_root, ignore_errors=True)
@@ -178,4 +184,5 @@ class EdgeState:
             "metrics": manifest.get("metrics") or {},
             "golden": model.golden,
             "previous_bundle_sha256": self._pointer("previous"),
+            "candidate": self.candidates.describe(),
         }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -27,9 +28,13 @@ def _sha_or_none(value: Any, where: str) -> str | None:
     return value
 
 
+_KEEP: Any = object()  # write_state: leave the candidate as state.json has it
+
+
 class BundleStore:
-    """`bundles/<sha256>/` plus `state.json` ({"current", "previous"}), which changes in one atomic write:
-    a crash leaves the old state or the new one, never a mix of the two."""
+    """`bundles/<sha256>/` plus `state.json` ({"current", "previous", "candidate"}), which changes in one atomic
+    write: a crash leaves the old state or the new one, never a mix of the two. The candidate (see candidate.py)
+    is {"sha256", "mode", "fraction", "sticky"} or null."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -66,11 +71,30 @@ class BundleStore:
         path = self.root / name
         return _sha_or_none(path.read_text().strip(), str(path)) if path.is_file() else None
 
-    def write_state(self, current: str | None, previous: str | None) -> None:
+    def read_candidate(self) -> dict[str, Any] | None:
+        """The candidate state.json names; None when there is none or its entry is unusable (logged)."""
+        path = self.root / STATE
+        try:
+            entry = json.loads(path.read_text()).get("candidate") if path.is_file() else None
+            if entry is not None:
+                _sha_or_none(entry["sha256"], f"{path} candidate")
+            return entry
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, BundleError) as exc:
+            log.error("%s: candidate entry unusable, ignored (%s)", path, exc)
+            return None
+
+    def write_candidate(self, candidate: dict[str, Any] | None) -> None:
+        state = self.read_state()
+        self.write_state(state["current"], state["previous"], candidate=candidate)
+
+    def write_state(self, current: str | None, previous: str | None, candidate: Any = _KEEP) -> None:
         """Temp file, fsync, rename over state.json, fsync the directory: the one commit point of a swap."""
+        if candidate is _KEEP:
+            candidate = self.read_candidate()
         tmp = self.root / f".{STATE}.tmp"
         with tmp.open("w") as fh:
-            json.dump({"current": current, "previous": previous}, fh)
+            extra = {} if candidate is None else {"candidate": candidate}  # no candidate: the format of before
+            json.dump({"current": current, "previous": previous, **extra}, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.root / STATE)
@@ -112,7 +136,10 @@ class BundleStore:
         return bundle
 
     def prune(self, keep: set[str | None]) -> None:
-        """Only the current and previous bundles stay: edge disks are small."""
+        """Only the current, previous and candidate bundles stay: edge disks are small."""
+        candidate = self.read_candidate()
+        with contextlib.suppress(BundleError):  # a damaged state.json: keep what the caller named
+            keep = keep | set(self.read_state().values()) | {candidate and candidate["sha256"]}
         for path in self.bundles.iterdir():
             if path.name not in keep:
                 shutil.rmtree(path, ignore_errors=True)
