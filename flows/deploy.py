@@ -311,9 +311,17 @@ def deploy(
     token_env: str = "TRANSFLOW_EDGE_TOKEN",
     tracking_uri: str | None = None,
     wait_s: float = 60.0,
+    strategy: str = "direct",
+    waves: str = "1,rest",
+    rules: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Push one registered version to every target, check each, roll every changed one back if any fails."""
+    """Push one registered version to every target, check each, roll every changed one back if any fails.
+    `strategy` shadow or canary: staged waves of candidates judged by `rules` instead (flows/deploy_waves.py)."""
     parsed = _check_inputs(targets, token_env)
+    if strategy != "direct":
+        from flows.deploy_waves import check_rollout, roll_out_waves
+
+        check_rollout(parsed, strategy, waves, rules)
     uri = resolve_tracking_uri(tracking_uri)
     model_uri = model_uri if model_uri.startswith("models:/") else f"models:/{model_uri}"
     with tempfile.TemporaryDirectory(prefix="transflow-deploy-") as tmp:
@@ -326,7 +334,10 @@ def deploy(
             "time": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         try:
-            outcome |= {"results": _roll_out(parsed, fetched, token_env, wait_s), "status": "deployed"}
+            if strategy != "direct":
+                outcome |= roll_out_waves(uri, parsed, fetched, token_env, wait_s, strategy, waves, rules)
+            else:
+                outcome |= {"results": _roll_out(parsed, fetched, token_env, wait_s), "status": "deployed"}
         except DeployError as exc:
             _record(uri, fetched, outcome | {"status": "failed", "error": str(exc)})
             raise
