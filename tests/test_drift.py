@@ -23,7 +23,7 @@ from transflow_edge.server import Settings, create_app
 from typer.testing import CliRunner
 
 from tasks.drift_reference import reference_values
-from tasks.drift_watch import decide, fleet_figures
+from tasks.drift_watch import decide, fleet_figures, read_state, write_state
 from tests import drift_data
 from tests.edge_fixtures import TOKEN, build_text_bundle, running_server
 from tests.prefect_server import flush_to_server, start_server, stop
@@ -300,7 +300,17 @@ def test_watch_drift_emits_one_event_per_drifted_version_within_the_cooldown(
     actions = [v["action"] for v in json.loads(again.stdout[again.stdout.index("{") :])["versions"]]
     assert actions == ["cooldown", "cooldown"], actions
 
+    # a run that died after emitting but before recording "sent": the next run resends the same event id
+    state = read_state("fashion-items")
+    state["1"]["sent"] = False
+    write_state("fashion-items", state)
+    resent = {v["model_name"]: v for v in watch_drift(**kwargs)["versions"]}["fashion-items"]
+    assert (resent["action"], resent["event_id"]) == ("resent", state["1"]["event_id"])
+    assert read_state("fashion-items")["1"]["sent"] is True
+    flush_to_server()
+
     events = stored_events(want=2)
+    assert len(events) == 2, "one event per drifted version: the cooldown held and the resend was stored once"
     assert sorted(e.resource["transflow.model.name"] for e in events) == ["fashion-items", "tweets-sentiment"]
     text_event = next(e for e in events if e.resource["transflow.model.name"] == "tweets-sentiment")
     assert text_event.payload["version"] == "1" and text_event.payload["psi"]["length_tokens"] >= THRESHOLD
