@@ -94,8 +94,12 @@ def scratch_vit(name: str, image_size: int) -> Any:
 
 
 def conv_stem_vit_class() -> type:
-    """ViTModel whose constructor installs the stem, so `from_pretrained` loads the stem's weights too
-    (and converts checkpoint key names as it does for any ViT)."""
+    """ViTModel whose constructor installs the stem, so `from_pretrained` loads the stem's weights too.
+
+    transformers 5 keeps ViT checkpoints in the old key layout (`encoder.layer.N.attention.attention.query`) and
+    renames them on load through a conversion table looked up by class name; a subclass defined here counts as
+    custom code and gets no table, so its transformer blocks silently stayed random (only the stem and the
+    embeddings loaded). Registering ViTModel's table under this class's name makes it load like any ViT."""
     from transformers import ViTModel
 
     class ConvStemViTModel(ViTModel):
@@ -103,7 +107,19 @@ def conv_stem_vit_class() -> type:
             super().__init__(config, *args, **kwargs)
             install_conv_stem(self)
 
+    _share_vit_key_conversion(ConvStemViTModel.__name__)
     return ConvStemViTModel
+
+
+def _share_vit_key_conversion(class_name: str) -> None:
+    from transformers.conversion_mapping import (
+        USER_REGISTERED_MAPPINGS,
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    if class_name not in USER_REGISTERED_MAPPINGS:
+        register_checkpoint_conversion_mapping(class_name, get_checkpoint_conversion_mapping("ViTModel"))
 
 
 def load_vit_dir(path: Path) -> Any:
@@ -112,4 +128,8 @@ def load_vit_dir(path: Path) -> Any:
 
     config = AutoConfig.from_pretrained(str(path))
     cls = conv_stem_vit_class() if getattr(config, "conv_stem", False) else AutoModel
-    return cls.from_pretrained(str(path), add_pooling_layer=False)
+    model, info = cls.from_pretrained(str(path), add_pooling_layer=False, output_loading_info=True)
+    if info["missing_keys"]:  # transformers only warns and initialises them at random: a backbone in name only
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"{path}: {len(missing)} weights missing from the checkpoint, e.g. {missing[:3]}")
+    return model

@@ -182,6 +182,35 @@ def test_conv_stem_vit_saves_and_reloads_with_its_stem(tmp_path: Path) -> None:
     torch.testing.assert_close(again.features(**x), model.features(**x))
 
 
+def test_a_mim_pretrained_conv_stem_encoder_reloads_every_weight(tmp_path: Path) -> None:
+    """MIM pretraining saves its `ViTForMaskedImageModeling.vit`, which transformers writes in the old ViT key
+    layout; the conv-stem class must load all of it (its blocks once stayed random, with only a warning)."""
+    from models.pretraining import mim_model
+
+    adapter = VisionAdapter(image_size=28)
+    encoder = mim_model(adapter.build("scratch:vit-tiny-c7", 3).encoder).vit.eval()
+    with torch.no_grad():
+        for p in encoder.parameters():  # not the init: a reload that re-initialises anything must differ
+            p.add_(torch.randn_like(p))
+    encoder.save_pretrained(tmp_path / "enc")
+    reloaded = VisionAdapter(image_size=28).build(str(tmp_path / "enc"), 3).encoder.eval()
+    saved = {k: v for k, v in encoder.state_dict().items() if "mask_token" not in k}
+    assert saved.keys() == reloaded.state_dict().keys()
+    assert all(torch.equal(saved[k], reloaded.state_dict()[k]) for k in saved)
+
+
+def test_a_checkpoint_missing_weights_is_refused_not_reinitialised(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from models.backbone import BackboneError
+
+    VisionAdapter(image_size=28).build("scratch:vit-tiny-c7", 3).encoder.save_pretrained(tmp_path / "enc")
+    weights = tmp_path / "enc" / "model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if ".0." not in k}, weights)  # drop block 0
+    with pytest.raises(BackboneError, match="weights missing from the checkpoint"):
+        VisionAdapter(image_size=28).build(str(tmp_path / "enc"), 3)
+
+
 def test_a_step_budget_runs_exactly_that_many_steps_over_several_passes() -> None:
     from models.batching import Batches, shuffled
     from models.stages import step_budget
