@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.cli_deploy import deploy_cmd
+from flows.cli_distill import distill_cmd
 from flows.cli_drift import watch_drift_cmd
 from flows.cli_edge import edge_app
 from flows.cli_errors import EXIT_BAD_INPUT, fail, run_cli
@@ -47,6 +48,7 @@ app.command("promote")(promote_cmd)
 app.command("rollback")(rollback_cmd)
 app.command("lineage")(lineage_cmd)
 app.command("report")(report_cmd)
+app.command("distill")(distill_cmd)
 app.add_typer(schedule_app, name="schedule")
 app.command("ui")(ui_cmd)
 app.command("watch-drift")(watch_drift_cmd)

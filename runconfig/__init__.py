@@ -155,6 +155,30 @@ class ExportConfig(_Strict):
     )
     calibration_size: int = Field(default=128, ge=8, le=4096, description="Static int8: validation examples.")
     report: bool = Field(default=True, description="Build the candidate report after the export.")
+    distill_min_speedup: float = Field(
+        default=1.5,
+        gt=0,
+        description="A distilled student ships only if its shipped ONNX file is at least this "
+        "many times faster at batch 1 than the teacher's, measured side by side (`transflow distill`).",
+    )
+
+
+class DistillConfig(_Strict):
+    """`transflow distill`: a student with part of the teacher's encoder blocks, trained on the teacher's logits."""
+
+    layers: int | None = Field(default=None, ge=1, description="Blocks the student keeps; None: half, rounded up.")
+    steps: int = Field(default=300, ge=1, description="Optimizer steps over the training split.")
+    lr: float = Field(default=1e-4, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    eval_rounds: int = Field(default=4, ge=1, description="Validations along the steps; the best weights are kept.")
+    temperature: float = Field(default=2.0, gt=0, description="Softens both logits in the KL term.")
+    alpha: float = Field(default=0.9, ge=0, le=1, description="Weight of the KL term; 1 − alpha: cross-entropy.")
+    budget_pt: float | None = Field(
+        default=None, ge=0, description="Max macro-F1 drop (points) vs the teacher; None: export.int8_budget_pt."
+    )
+    class_budget_pt: float | None = Field(
+        default=None, ge=0, description="Max drop of any class's F1 (points); None: export.int8_class_budget_pt."
+    )
 
 
 class DeployConfig(_Strict):
@@ -175,6 +199,7 @@ class RunConfig(_Strict):
     registry: RegistryConfig = RegistryConfig()
     export: ExportConfig = ExportConfig()
     deploy: DeployConfig = DeployConfig()
+    distill: DistillConfig = DistillConfig()
 
     @model_validator(mode="after")
     def _unique_stage_names(self) -> RunConfig:

@@ -46,6 +46,7 @@ from tasks.registry_gate import (
     compare,
     decide,
     significance_check,
+    student_checks,
     tag_checks,
 )
 from tasks.registry_lock import ANCHOR_RUN_TAG, LOG_SUFFIX, RegistryBusy, current_user, registry_lock
@@ -188,10 +189,14 @@ def judge(gate: GateInputs, champion: VersionRecord | None, user: str, dry_run: 
         checks.append(same_labels(gate.challenger, champion))
     checks += tag_checks(gate.challenger.tags, gate.int8_budget_pt)
     checks.append(baseline_check(gate.challenger.tags, gate.require_beats_baselines))
-    checks.append(compare(gate.metric, mine[gate.metric], theirs[gate.metric] if theirs else None, gate.margin))
     before = champion.version if champion else None
     tags = gate.challenger.tags
-    checks.append(significance_check(tags, before, gate.require_significance, gate.significance_level))
+    theirs_metric = theirs[gate.metric] if theirs else None
+    student = student_checks(tags, gate.metric, mine[gate.metric], theirs_metric, before) or []
+    if not any(c.name == "within_teacher_budget" for c in student):  # a student of the champion: no margin to beat
+        checks.append(compare(gate.metric, mine[gate.metric], theirs_metric, gate.margin))
+        checks.append(significance_check(tags, before, gate.require_significance, gate.significance_level))
+    checks += student
     promote, reasons = decide(checks)
     reasons = cite_report(checks, reasons, tags.get("report.uri"))
     return Decision(

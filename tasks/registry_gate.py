@@ -132,6 +132,30 @@ def significance_check(tags: Mapping[str, str], champion: str | None, required: 
     return Check(name, ok or not required, detail + ("" if ok or required else " (significance not required)"))
 
 
+def student_checks(
+    tags: Mapping[str, str], metric: str, mine: float, theirs: float | None, champion: str | None
+) -> list[Check] | None:
+    """A distilled student (tag `distill.teacher_version`) must carry a passing distillation verdict (the teacher's
+    budget, the baselines, the speed-up; `transflow distill`). Against its own teacher as champion it need not beat
+    it: it replaces the margin rule with "no worse than the budget", which is the point of a faster model. None
+    for any other version."""
+    teacher = tags.get("distill.teacher_version")
+    if teacher is None:
+        return None
+    shipped = tags.get("distill.ship") == "true"
+    checks = [Check("distilled", shipped, tags.get("distill.reason") or "no distillation verdict recorded")]
+    if champion == teacher and theirs is not None:
+        budget = float(tags.get("distill.budget_pt", "0"))
+        drop = 100 * (theirs - mine)
+        ok = drop <= budget
+        detail = (
+            f"{metric} {mine:.4f} vs its teacher v{teacher} (the champion) {theirs:.4f}: "
+            f"drop {drop:.2f} pt {'within' if ok else 'exceeds'} budget {budget:g} pt"
+        )
+        checks.append(Check("within_teacher_budget", ok, detail))
+    return checks
+
+
 def cite_report(checks: list[Check], reasons: list[str], report_uri: str | None) -> list[str]:
     """Every refusal names the report line that failed: the report lists the same checks, by the same names."""
     if not report_uri or all(c.ok for c in checks):
