@@ -55,6 +55,7 @@ BENCHMARKS: dict[str, Benchmark] = {
     "limits": Benchmark("benchmarks.bench_limits", takes_model=True),
     "vision_loop": Benchmark("benchmarks.bench_vision_loop"),
     "drift": Benchmark("benchmarks.bench_drift"),  # the fixture models: drift scores and tracking's live-path cost
+    "rollout": Benchmark("benchmarks.bench_rollout"),  # shadow's live-path cost, a bad candidate's time on the fleet
 }
 
 

@@ -500,9 +500,11 @@ def test_promoted_event_is_stored_and_starts_deploy_edge_for_that_version(instal
             assert stored[0].resource["transflow.model.version"] == "3"
             assert (stored[0].payload["version"], stored[0].payload["previous"]) == ("3", "2")
             started = sorted((r.parameters for r in runs), key=lambda p: p["model_uri"])
+            spec = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+            defaults = spec["deploy-edge"]["parameters"]  # targets [], strategy direct, waves, rules
             assert started == [
-                {"targets": [], "model_uri": "models:/other/7", "tracking_uri": None},
-                {"targets": [], "model_uri": "models:/smoke-text/3", "tracking_uri": "sqlite:///m.db"},
+                defaults | {"model_uri": "models:/other/7", "tracking_uri": None},
+                defaults | {"model_uri": "models:/smoke-text/3", "tracking_uri": "sqlite:///m.db"},
             ], "the trigger starts one deploy-edge run per promotion, pinned to the promoted version"
         finally:
             with sync_client() as client:

@@ -1,10 +1,11 @@
 """A candidate model beside the live one: shadow (every request answered by the live model, a copy scored by the
 candidate off the response path) or canary (a fraction of requests answered by the candidate).
 
-- The copy goes through a bounded queue to one worker thread (run at a lower OS priority than the request
-  threads where Linux allows it): when the queue is full the copy is dropped and counted, the live request never
-  waits. The worker runs the *other* model on the same prepared inputs (the candidate in shadow mode, the live
-  model for canary-answered requests) and records top-1 agreement with the answer that was sent.
+- The copy goes through a bounded queue to one worker thread (10 nice levels below the server where Linux
+  allows it, and it waits up to 50 ms for the live path to be idle before each copy): when the queue is full the
+  copy is dropped and counted, the live request never waits. The worker runs the *other* model on the same
+  prepared inputs (the candidate in shadow mode, the live model for canary-answered requests) and records top-1
+  agreement with the answer that was sent.
 - Figures per version (requests, errors, latency from prepared inputs to logits: p50 and p95 of the last
   `LATENCY_WINDOW`) for the live model and the candidate, kept while the candidate is installed. `p95_ratio`
   compares like with like: in canary mode both models answer requests through the same batcher; in shadow
@@ -50,6 +51,7 @@ SHADOW_MAX_ITEMS = 512  # inputs waiting for the candidate; above it copies are 
 LATENCY_WINDOW = 4096  # latencies kept per version for p50 / p95
 STICKY_HEADER = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 SHADOW_NICE = 10  # the worker thread's niceness: live requests first when the CPU is short
+QUIET_WAIT_S = 0.05  # the worker waits up to this long for the live path to be idle before each copy
 PAIR_EVERY = 4  # shadow: every 4th copy also times the live model on the worker, for a like-for-like p95 ratio
 
 
@@ -294,12 +296,14 @@ class CandidateSlot:
         self._queue.put(_Job(held, other, answered_by, other_role, prepared if same else None, items, top))
 
     def _run(self) -> None:
-        with contextlib.suppress(OSError, AttributeError):  # Linux: a thread's own niceness
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHADOW_NICE)
+        with contextlib.suppress(OSError, AttributeError):  # Linux: this thread only, niceness relative to the process
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + SHADOW_NICE))
         while (job := self._queue.get()) is not None:
             n = len(job.prepared if job.prepared is not None else job.items or [])
             try:
                 if job.candidate is self.current:
+                    self._wait_for_quiet()
                     self._score(job)
             except Exception as exc:  # a failing candidate is a figure, never a crash of the worker
                 if job.role == "candidate":
@@ -308,6 +312,13 @@ class CandidateSlot:
             finally:
                 with self._lock:
                     self._queued -= n
+
+    def _wait_for_quiet(self) -> None:
+        """Live requests first: while some are being prepared or queued for the batcher, wait (at most
+        `QUIET_WAIT_S`, so a busy server still gets its copies scored or, when the queue fills, dropped)."""
+        batcher, deadline = self.state.batcher, time.monotonic() + QUIET_WAIT_S
+        while (batcher._arriving or batcher._pending) and time.monotonic() < deadline:
+            time.sleep(0.0005)
 
     def _score(self, job: _Job) -> None:
         began = time.perf_counter()
