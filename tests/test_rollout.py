@@ -22,7 +22,8 @@ from transflow_edge.bundle import pack
 from transflow_edge.server import Settings, create_app
 from typer.testing import CliRunner
 
-from flows.deploy import DeployError, deploy
+from flows.deploy import DeployError, DeployInputError, Target, deploy
+from flows.deploy_waves import check_rollout
 from tasks.rollout import RolloutRules, judge, parse_waves, tag_key
 from tasks.tracking import Tracker
 from tests.conftest import ROOT
@@ -62,6 +63,20 @@ def test_judge_applies_each_rule() -> None:
         ok, reasons = judge(good | change, rules)
         assert not ok and reasons[0].startswith(words), reasons
     assert judge(good | {"p95_ratio": None}, rules)[0]  # not measured is said, not failed
+
+
+def test_bad_rollout_input_is_refused_before_anything_is_fetched() -> None:
+    http = [Target.parse("http://127.0.0.1:1"), Target.parse("http://127.0.0.1:2")]
+    for targets, strategy, waves, rules, words in [
+        (http, "blue-green", "1,rest", None, "expected direct, shadow or canary"),
+        ([*http, Target.parse("dir:///tmp/x")], "shadow", "1,rest", None, "not folders"),
+        (http, "canary", "1", None, "covers 1 of 2 targets"),
+        (http, "canary", "1,rest", {"window": 5}, "window"),
+        (http, "canary", "1,rest", {"fraction": 2}, "fraction"),
+    ]:
+        with pytest.raises(DeployInputError, match=words):
+            check_rollout(targets, strategy, waves, rules)
+    assert check_rollout(http, "shadow", "1,rest", {"window_s": 5})[1] == [[0], [1]]
 
 
 # ---------------------------------------------------------------- four servers under traffic
