@@ -31,7 +31,7 @@ from tasks.tracking import CHALLENGER, Tracker, resolve_tracking_uri
 ENTRY_POINT = "flows/distill.py"
 
 
-@flow(name="distill", log_prints=True)
+@flow(name="distill", log_prints=True, flow_run_name="distill/{target}")
 def distill_flow(
     target: str,
     overrides: list[str] | None = None,
@@ -61,6 +61,8 @@ def distill_flow(
 
         def log(row: dict[str, float]) -> None:
             tracker.log_metrics(run_id, [(f"distill.{k}", v, int(row["step"])) for k, v in row.items() if k != "step"])
+            print(f"distill step {int(row['step'])}/{cfg.distill.steps}: KD loss {row['train_kd_loss']:.4f}, "
+                  f"validation accuracy {row['accuracy']:.4f}, macro-F1 {row['macro_f1']:.4f}")  # fmt: skip
 
         student, layers, fitted = distil_student(teacher, logits, device, log)
         test_batches = teacher.encoded.batches(teacher.adapter, "test", cfg.training.eval_batch_size, sort=True)
