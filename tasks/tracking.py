@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tasks.tracking_registry import RegistryCalls, missing, quote
+
 DEFAULT_STORE = Path("mlflow/store")
 CHALLENGER = "challenger"
 LINEAGE_KEYS = ("data_version", "git_commit", "git_dirty", "config_hash", "backbone")
@@ -31,8 +33,9 @@ def resolve_tracking_uri(configured: str | None = None) -> str:
 
 
 @dataclass(frozen=True)
-class Tracker:
-    """A tracking URI and the calls the pipeline needs; cheap to pass between tasks."""
+class Tracker(RegistryCalls):
+    """A tracking URI and the calls the pipeline needs; cheap to pass between tasks. The registry's lock and
+    tag primitives live in tasks/tracking_registry.py."""
 
     uri: str
 
@@ -133,7 +136,7 @@ class Tracker:
         return str(version)
 
     def _run_versions(self, model_name: str, run_id: str) -> list[str]:
-        found = self.client.search_model_versions(f"name='{_quote(model_name)}' and run_id='{run_id}'")
+        found = self.client.search_model_versions(f"name='{quote(model_name)}' and run_id='{run_id}'")
         return sorted((str(v.version) for v in found), key=int)
 
     def log_onnx(self, run_id: str, onnx_path: Path, workdir: Path, artifact_path: str = "onnx") -> None:
@@ -272,14 +275,14 @@ class Tracker:
         try:
             self.client.get_registered_model(name)
         except MlflowException as exc:
-            if _missing(exc):
+            if missing(exc):
                 return False
             raise
         return True
 
     def version_numbers(self, name: str) -> list[str]:
         """Every version of a registered model, oldest first."""
-        found = self.client.search_model_versions(f"name='{_quote(name)}'")
+        found = self.client.search_model_versions(f"name='{quote(name)}'")
         return sorted((str(v.version) for v in found), key=int)
 
     def model_version(self, name: str, version: str) -> VersionRecord | None:
@@ -289,7 +292,7 @@ class Tracker:
         try:
             mv = self.client.get_model_version(name, version)
         except MlflowException as exc:
-            if _missing(exc):
+            if missing(exc):
                 return None
             raise
         return VersionRecord(name, str(mv.version), mv.run_id, dict(mv.tags), list(mv.aliases), mv.source)
@@ -301,7 +304,7 @@ class Tracker:
         try:
             return str(self.client.get_model_version_by_alias(name, alias).version)
         except MlflowException as exc:
-            if _missing(exc):
+            if missing(exc):
                 return None
             raise
 
@@ -335,31 +338,6 @@ class Tracker:
             if not token:
                 return out
 
-    def create_unique(self, name: str, tags: dict[str, str]) -> bool:
-        """Create a registered model named `name` unless one exists: the server's unique-name constraint makes
-        this the atomic create-if-absent a cross-process lock needs. False when it already exists."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.create_registered_model(name, tags=tags, description="transflow lock; safe to delete")
-        except MlflowException as exc:
-            if exc.error_code == "RESOURCE_ALREADY_EXISTS" or "already exists" in str(exc).lower():
-                return False
-            raise
-        return True
-
-    def model_tags(self, name: str) -> dict[str, str] | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            return dict(self.client.get_registered_model(name).tags)
-        except MlflowException as exc:
-            if _missing(exc):
-                return None
-            raise
-
-    # --- the promotion lock's tickets (tasks/registry_lock.py) and the decision's intent tags ---------------
-
     def run_tags(self, run_id: str) -> dict[str, str]:
         return dict(self.client.get_run(run_id).data.tags)
 
@@ -370,64 +348,12 @@ class Tracker:
         try:
             return str(self.client.get_run(run_id).info.status)
         except MlflowException as exc:
-            if _missing(exc):
+            if missing(exc):
                 return None
             raise
 
     def artifact_uri(self, run_id: str) -> str:
         return str(self.client.get_run(run_id).info.artifact_uri)
-
-    def set_model_tag(self, name: str, key: str, value: str) -> None:
-        self.client.set_registered_model_tag(name, key, value)
-
-    def delete_model_tag(self, name: str, key: str) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.delete_registered_model_tag(name, key)
-        except MlflowException as exc:
-            if not _missing(exc):
-                raise
-
-    def create_ticket(self, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
-        """A new version of the lock model: the server numbers versions atomically and never reuses a number."""
-        return str(self.client.create_model_version(name, source, run_id, tags, await_creation_for=0).version)
-
-    def tickets(self, name: str) -> list[tuple[int, int, dict[str, str]]]:
-        """The live versions of a lock model: (number, the server's last-updated stamp in ms, tags)."""
-        found = self.client.search_model_versions(f"name='{_quote(name)}'")
-        return sorted((int(v.version), int(v.last_updated_timestamp or 0), dict(v.tags)) for v in found)
-
-    def touch_version(self, name: str, version: str) -> bool:
-        """Renew a ticket (the server stamps its last-updated time with its own clock); False when it is gone."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.update_model_version(name, version, description=f"renewed {time.monotonic_ns()}")
-        except MlflowException as exc:
-            if _missing(exc):
-                return False
-            raise
-        return True
-
-    def delete_version(self, name: str, version: str) -> None:
-        """Delete a model version; one that is already gone is fine."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.delete_model_version(name, version)
-        except MlflowException as exc:
-            if not _missing(exc):
-                raise
-
-    def delete_model(self, name: str) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.delete_registered_model(name)
-        except MlflowException as exc:
-            if not _missing(exc):
-                raise
 
 
 @dataclass(frozen=True)
@@ -457,15 +383,6 @@ def _model_id(mv: Any) -> str | None:
 
     found = re.search(r"/models/(m-[0-9a-f]{32})/artifacts/?$", mv.source or "")
     return mv.model_id or (found.group(1) if found else None)
-
-
-def _missing(exc: Exception) -> bool:
-    code = getattr(exc, "error_code", "")
-    return code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND") or "not found" in str(exc).lower()
-
-
-def _quote(name: str) -> str:
-    return name.replace("'", "\\'")
 
 
 def tracking_errors() -> tuple[type[BaseException], ...]:

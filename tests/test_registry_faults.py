@@ -97,7 +97,8 @@ class Crash:
         from tasks.tracking import Tracker
 
         self.at, self.calls, self.dead = at, [], False
-        for name in [n for n in vars(Tracker) if not n.startswith("_") and callable(getattr(Tracker, n))]:
+        every = {n for cls in Tracker.__mro__[:-1] for n in vars(cls)}  # its registry mixin's calls too
+        for name in sorted(n for n in every if not n.startswith("_") and callable(getattr(Tracker, n))):
             monkeypatch.setattr(Tracker, name, self.wrap(name, getattr(Tracker, name)))
         self.events = self.wrap("notify", events)
 
