@@ -196,8 +196,15 @@ def register_export_promote(
         tracker.describe_version(cfg.registry.model_name, version, description)
     if version and cfg.registry.auto_promote:
         promotion = auto_promote(tracker, cfg.registry.model_name, version, cfg.training.device, workdir)
+    distilled = None
+    if version and exported and cfg.export.distill:  # the rung below int8: a smaller model, judged by its own gate
+        from flows.distill import distill_flow
+
+        distilled = distill_flow(f"{cfg.registry.model_name}/{version}", out=str(workdir / "distill"),
+                                 promote=cfg.registry.auto_promote, tracking_uri=tracker.uri)  # fmt: skip
     return {
         "promotion": promotion,
+        "distill": distilled,
         "export": exported,
         "run_id": run_id,
         "model_name": cfg.registry.model_name,
@@ -245,6 +252,9 @@ def print_summary(summary: dict[str, Any], path: Path) -> None:
             f"bundle {e['bundle_tar']} (sha256 {e['bundle_sha256'][:12]}), default {e['default_model']}; "
             f"fp32 parity max |Δ| {e['fp32_max_abs_diff']:.1e}; {e['int8_reason']}"
         )
+    if summary.get("distill"):
+        d = summary["distill"]
+        console.print(f"distilled student v{d['student_version']} (alias {d['alias']}): {d['reason']}")
     if summary["model_version"] is None:
         console.print(f"not registered (registry.enabled: false); run {summary['run_id']}\nsummary: {path}")
         return

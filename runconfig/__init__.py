@@ -155,6 +155,11 @@ class ExportConfig(_Strict):
     )
     calibration_size: int = Field(default=128, ge=8, le=4096, description="Static int8: validation examples.")
     report: bool = Field(default=True, description="Build the candidate report after the export.")
+    distill: bool = Field(
+        default=False,
+        description="After the export (and auto-promotion), distil the new version (`transflow "
+        "distill`, settings in `distill:`): a student that ships becomes the challenger.",
+    )
     distill_min_speedup: float = Field(
         default=1.5,
         gt=0,

@@ -95,10 +95,24 @@ def teacher(tweets_repo: Path, tiny_bert_dir: Path, tmp_path_factory: pytest.Tem
         "export.report=false",
         "export.ladder=[dynamic]",
         "registry.auto_promote=true",
+        # export.distill: the retrain distils its own version after the gate (a too-slow student: the teacher stays)
+        "export.distill=true",
+        "export.distill_min_speedup=1000",
+        "distill.steps=2",
+        "distill.eval_rounds=1",
     ]
     summary = retrain(str(ROOT / "configs/smoke-text.yaml"), overrides)
     assert summary["promotion"]["outcome"] == "promoted"
-    return {"version": summary["model_version"], "uri": f"sqlite:///{tmp / 'mlflow.db'}", "tmp": tmp}
+    return {"version": summary["model_version"], "uri": f"sqlite:///{tmp / 'mlflow.db'}", "tmp": tmp,
+            "summary": summary}  # fmt: skip
+
+
+def test_export_distill_runs_the_student_after_the_retrain_and_a_slow_one_leaves_the_teacher(teacher: dict) -> None:
+    distilled = teacher["summary"]["distill"]
+    assert distilled["teacher_version"] == teacher["version"] and distilled["student_version"] != teacher["version"]
+    assert not distilled["ship"] and distilled["alias"] == "distilled" and "required 1000.0×" in distilled["reason"]
+    assert distilled["promotion"]["outcome"] == "not judged"
+    assert json.loads(json.dumps(teacher["summary"]))["distill"]["layers"] == [1], "the run summary is plain JSON"
 
 
 def _distill(teacher: dict, out: str, *overrides: str) -> dict:
