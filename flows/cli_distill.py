@@ -18,7 +18,7 @@ console = Console()
 
 
 def distill_cmd(
-    target: str = typer.Argument(..., help="The teacher: NAME@ALIAS or NAME/VERSION, e.g. vit-digits@champion."),
+    target: str = typer.Argument(..., help="The teacher: NAME@ALIAS or NAME/VERSION, e.g. digits-vit@champion."),
     overrides: list[str] = typer.Option(
         [], "--set", help="Override the teacher's run config: --set distill.steps=200 (repeatable)."
     ),

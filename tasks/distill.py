@@ -92,7 +92,10 @@ def train_student(
     """Cut the student from the teacher and distil it (no augmentation: the cached logits are of clean inputs)."""
     d, seed = teacher.cfg.distill, teacher.cfg.training.seed
     seed_everything(seed)
-    student, layers = make_student(teacher.model, d.layers)
+    try:
+        student, layers = make_student(teacher.model, d.layers)
+    except ValueError as exc:  # e.g. more layers than the teacher has: a config error, not a crash
+        raise ConfigError(f"distill.layers={d.layers}: {exc}") from None
     examples, labels = teacher.encoded.train
     index = list(range(len(labels)))  # the batches' "labels" are example indices into the logit cache
 
