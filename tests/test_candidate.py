@@ -131,6 +131,9 @@ def test_promote_drop_and_restarts_keep_the_candidate(bundles, tmp_path: Path) -
         promoted = client.promote_candidate()
         assert promoted["bundle_sha256"] == cand_sha and promoted["previous_bundle_sha256"] == live_sha
         assert client.serving() == cand_sha and client.candidate() is None
+        loads = httpx.get(f"{url}/metrics").text
+        assert 'transflow_edge_bundle_loads_total{result="loaded",source="candidate"} 1.0' in loads
+        assert not [ln for ln in loads.splitlines() if ln.startswith("transflow_edge_version_")]  # series gone
         with pytest.raises(EdgeError) as no_candidate:
             client.drop_candidate()
         assert no_candidate.value.status == 409

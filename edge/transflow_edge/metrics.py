@@ -19,7 +19,7 @@ from transflow_edge.model import LoadedModel
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
-LOAD_SOURCES = frozenset({"startup", "upload", "watch", "rollback"})
+LOAD_SOURCES = frozenset({"startup", "upload", "watch", "rollback", "candidate"})  # candidate: a promoted one
 
 disable_created_metrics()  # no `_created` twin of every series: half the scrape for a timestamp nobody reads
 
