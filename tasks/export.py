@@ -166,6 +166,7 @@ def build_bundle(
     ladder: Sequence[str] = RUNGS,
     calibration_items: list[Any] | None = None,
     calibration_size: int = 128,
+    pick: str = "fastest",
 ) -> ExportReport:
     """Export, check parity on `test_batches`, optimise, walk the int8 ladder (`tasks.export_ladder`; static rungs
     calibrate on a seeded slice of `calibration_items`, the validation split), and write + verify the bundle."""
@@ -196,6 +197,7 @@ def build_bundle(
         walked = run_ladder(
             fp32_path, raw, work, [{k: v.numpy() for k, v in x.items()} for x, _ in test_batches], labels,
             fp32_logits.argmax(-1), classes, calibration["feeds"], int8_budget_pt, int8_class_budget_pt, ladder,
+            pick=pick,
         )  # fmt: skip
         walked["calibration"] = {k: v for k, v in calibration.items() if k != "feeds"}
         tried = [r for r in walked["rungs"] if r["rung"] != "fp32" and r["macro_f1"] is not None]
@@ -272,7 +274,7 @@ def export_and_log(
     report = build_bundle(
         model, adapter, test_batches, raw_test_items, classes, meta, out_dir,
         export.opset, export.int8, export.int8_budget_pt, torch_logits, export.int8_class_budget_pt, export.ladder,
-        calibration_items, export.calibration_size,
+        calibration_items, export.calibration_size, export.pick,
     )  # fmt: skip
     folder, name = BUNDLE_ARTIFACT.rsplit("/", 1)
     assert Path(report.bundle_tar).name == name, "pack() names the archive as the registry expects"

@@ -72,7 +72,7 @@ def test_dynamic_keeps_the_macro_budget_but_loses_one_class_so_a_later_rung_ship
     fp32_pred = predict(setup["path"], setup["batches"])
     ladder = run_ladder(
         setup["path"], setup["path"], setup["work"], setup["batches"], setup["y"], fp32_pred, setup["classes"],
-        setup["calibration"], macro_budget=15.0, class_budget=2.0, try_all=True,
+        setup["calibration"], macro_budget=15.0, class_budget=2.0, try_all=True, pick="first",
     )  # fmt: skip
     rungs = {r["rung"]: r for r in ladder["rungs"]}
     dynamic = rungs["dynamic"]
@@ -89,11 +89,36 @@ def test_dynamic_keeps_the_macro_budget_but_loses_one_class_so_a_later_rung_ship
 def test_without_the_class_budget_dynamic_ships_and_without_calibration_fp32_does(setup: dict) -> None:
     fp32_pred = predict(setup["path"], setup["batches"])
     args = (setup["path"], setup["path"], setup["work"], setup["batches"], setup["y"], fp32_pred, setup["classes"])
-    assert run_ladder(*args, setup["calibration"], 15.0, None)["shipped"] == "dynamic"
+    assert run_ladder(*args, setup["calibration"], 15.0, None, pick="first")["shipped"] == "dynamic"
     none = run_ladder(*args, [], 15.0, 2.0)
     assert none["shipped"] == "fp32" and none["file"] is None
     assert [r["rung"] for r in none["rungs"]] == ["dynamic", "static", "static_mixed", "fp32"]
     assert "no int8 rung kept the budgets" in none["reason"]
+
+
+@pytest.mark.parametrize(
+    ("dynamic_ms", "fp32_ms", "ships"), [(2.0, 1.0, "fp32"), (0.5, 1.0, "dynamic")], ids=["fp32-faster", "int8-faster"]
+)
+def test_the_fastest_rung_within_the_budgets_ships(
+    setup: dict, monkeypatch: pytest.MonkeyPatch, dynamic_ms: float, fp32_ms: float, ships: str
+) -> None:
+    """The timings are fixed here (the selection is under test, not this machine's speed): dynamic int8 keeps the
+    budgets, and whichever of it and fp32 is faster at batch 1 ships."""
+    import tasks.export_ladder as ladder_module
+
+    latency = {"model.onnx": fp32_ms, "ladder-dynamic.onnx": dynamic_ms}
+    monkeypatch.setattr(ladder_module, "batch1_latency", lambda path, feed: latency[Path(path).name])
+    fp32_pred = predict(setup["path"], setup["batches"])
+    args = (setup["path"], setup["path"], setup["work"], setup["batches"], setup["y"], fp32_pred, setup["classes"])
+    walked = run_ladder(*args, setup["calibration"], 15.0, None)  # pick="fastest" is the default
+    rungs = {r["rung"]: r for r in walked["rungs"]}
+    assert rungs["dynamic"]["passed"] and list(rungs) == ["dynamic", "fp32"], "stops at the first passing rung"
+    assert walked["shipped"] == ships and [r["rung"] for r in walked["rungs"] if r["shipped"]] == [ships]
+    assert (walked["file"] is None) == (ships == "fp32")
+    if ships == "fp32":
+        assert "dynamic kept the budgets" in walked["reason"] and "slower at batch 1" in walked["reason"]
+    else:
+        assert walked["reason"].startswith("dynamic ships:") and "vs fp32 1.000 ms" in walked["reason"]
 
 
 def test_calibration_slice_is_seeded_and_hashed() -> None:
