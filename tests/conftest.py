@@ -27,6 +27,24 @@ os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Flush and stop the temporary Prefect server that in-process flow runs started, while pytest's streams are
+    still open: Prefect's own exit hook would do it later, logging into closed streams (a screenful of 'Logging
+    error' tracebacks at the end of every run), and would wait without bound for events queued for it."""
+    import sys
+
+    server_module = sys.modules.get("prefect.server.api.server")
+    if server_module is None:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)
+    for server in list(server_module.SubprocessASGIServer._instances.values()):
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The three demo datasets, built from the offline sources exactly as `transflow data prepare` does."""
