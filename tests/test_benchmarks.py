@@ -299,7 +299,7 @@ def test_a_partial_rerun_replaces_its_benchmarks_and_keeps_the_others() -> None:
     assert out["seconds"]["total"] == 20.0
     assert runner.combine(merged({"inference": {}}, quick=False), new) == new  # full and quick never mix
     md = report.render_markdown(out, "x.json")
-    assert "Kept from earlier runs of the same day: inference (2026-01-02T03:04:05)." in md
+    assert "Kept from earlier runs (when each ran): inference (2026-01-02T03:04:05)." in md
 
 
 def test_results_file_is_named_by_machine_and_date() -> None:

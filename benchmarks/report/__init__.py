@@ -91,7 +91,7 @@ def render_markdown(merged: dict[str, Any], results_file: str, notes: str | None
     if kept:
         ran = merged.get("ran", {})
         when = ", ".join(f"{n} ({ran.get(n, '?')})" for n in kept)
-        lines[2] += f" Kept from earlier runs of the same day: {when}."
+        lines[2] += f" Kept from earlier runs (when each ran): {when}."
     if merged.get("model"):
         lines[2] += f" Model measured by the inference, edge and limits benchmarks: {fmt(merged['model'])}."
     goals = [row for name, r in merged["benchmarks"].items() for row in goal_rows(name, r)]
