@@ -70,10 +70,12 @@ def module_exists(module: str) -> bool:
 
 
 def child_env(prefect_home: str) -> dict[str, str]:
+    from flows.prefect_env import DEFAULTS  # no telemetry; a temporary server gets minutes, not 20 s, to start
+
     env = dict(os.environ)
     env.setdefault("PREFECT_HOME", prefect_home)  # a throwaway Prefect database, never the user's ~/.prefect
-    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    env.setdefault("DO_NOT_TRACK", "1")
+    for key, value in DEFAULTS.items():
+        env.setdefault(key, value)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return env
