@@ -141,9 +141,15 @@ def plot_transfer(rows: list[dict[str, Any]], path: Path) -> Path:
             for t in targets
         ]
         ax.bar([i + k * width for i in range(len(targets))], values, width, label=f"{arm[0]} · {arm[1]}")
+    for i, target in enumerate(targets):  # the bar to beat: the runs' own LR on pixels, across the whole group
+        pixel_lr = [r["pixel_lr_accuracy"] for r in rows if r["target"] == target and r.get("pixel_lr_accuracy")]
+        if pixel_lr:
+            ax.hlines(max(pixel_lr), i - width / 2, i + 0.8 - width / 2, colors="black", linestyles="dashed",
+                      label="LR on pixels" if i == 0 else None)  # fmt: skip
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(targets))], targets)
-    ax.set(ylabel="test accuracy", ylim=(0, 1), title="transfer vs from scratch")
-    ax.legend(fontsize=8)
+    low = min([r["test_accuracy"] for r in rows] + [r.get("pixel_lr_accuracy") or 1 for r in rows])
+    ax.set(ylabel="test accuracy", ylim=(max(0.0, low - 0.1), 1), title="transfer vs from scratch vs LR on pixels")
+    ax.legend(fontsize=8, loc="upper right")
     return _save(fig, path)
 
 
