@@ -151,13 +151,13 @@ class ExportConfig(_Strict):
     )
     ladder: list[Literal["dynamic", "static", "static_mixed"]] = Field(
         default=["dynamic", "static", "static_mixed"],
-        description="int8 rungs tried in order until one keeps both budgets (all of them with pick=fastest-any).",
+        description="int8 rungs tried, in this order (pick=first: until one keeps both budgets).",
     )
     pick: Literal["fastest", "first"] = Field(
         default="fastest",
-        description="fastest: of the rungs within both budgets and fp32, the one fastest at batch 1 here ships "
-        "(int8 can be slower than fp32 for small models on CPUs without VNNI); first: the first rung within "
-        "both budgets ships, whatever its speed.",
+        description="fastest: every rung is tried; of those within both budgets and fp32, the one fastest at "
+        "batch 1 here ships (int8 can be slower than fp32 for small models); first: the first rung within both "
+        "budgets ships, whatever its speed (a faster export).",
     )
     calibration_size: int = Field(default=128, ge=8, le=4096, description="Static int8: validation examples.")
     report: bool = Field(default=True, description="Build the candidate report after the export.")

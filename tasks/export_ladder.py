@@ -1,8 +1,9 @@
 """The int8 export ladder: try dynamic int8 → static int8 (QDQ, calibrated on a seeded slice of the validation split)
-→ static int8 with the most outlier-prone nodes kept in float, until a rung keeps both the macro-F1 budget and the
-per-class budget; then ship the fastest at batch 1 of that rung and fp32, measured here (`pick="fastest"`: on a CPU
-without fast int8 kernels, or for a model this small, the quantised graph can be the slower one), or that rung
-whatever its speed (`pick="first"`). Every rung tried is reported (accuracy, worst class drop, batch-1 latency),
+→ static int8 with the most outlier-prone nodes kept in float. `pick="fastest"` (the default) tries every rung and
+ships the one fastest at batch 1 here among those that keep both the macro-F1 budget and the per-class budget, fp32
+included: which graph is fastest depends on the CPU and the model (on the 2-core EPYC here, a small ViT's dynamic
+int8 ran at 2.2× fp32's latency and its static int8 at 0.8×). `pick="first"` stops at the first rung within both
+budgets and ships it whatever its speed. Every rung tried is reported (accuracy, worst class drop, batch-1 latency),
 and the calibration slice's hash goes into the lineage.
 
 Pure ONNX + numpy: the caller hands in feeds (input name → array) and labels, so this works for any modality and
@@ -178,11 +179,12 @@ def run_ladder(
 
     Dynamic int8 quantises the optimised fp32 graph (weights per channel, activations at run time); the static
     rungs quantise the unoptimised export (`raw_path`, what onnxruntime's QDQ tooling expects) and let the session
-    fuse the QDQ pairs at load. `try_all` evaluates every rung even after one passes (for reports and notes); with
-    `pick="fastest"` every passing rung it tried competes on latency."""
+    fuse the QDQ pairs at load. `try_all` evaluates every rung even after one passes (always, with
+    `pick="fastest"`: every passing rung and fp32 compete on latency)."""
     if pick not in ("fastest", "first"):
         raise ValueError(f"pick must be 'fastest' or 'first', not {pick!r}")
     y = np.asarray(y)
+    try_all = try_all or pick == "fastest"  # speed is only known once measured
     fp32_f1 = f1_score(y, fp32_pred, labels=list(range(len(classes))), average=None, zero_division=0)
     out: list[Rung] = []
     shipped: Rung | None = None
@@ -228,9 +230,10 @@ def run_ladder(
     if winner is fp32 and shipped is None:
         tried = "; ".join(f"{r.rung}: {r.verdict}" for r in out[:-1])
         reason = f"fp32 ships: no int8 rung kept the budgets ({tried})"
-    elif winner is fp32:
-        reason = (f"fp32 ships: {shipped.rung} kept the budgets ({shipped.verdict}) but is slower at batch 1 here "
-                  f"({shipped.latency_b1_ms:.3f} ms vs fp32 {fp32.latency_b1_ms:.3f} ms)")  # fmt: skip
+    elif winner is fp32:  # the fastest int8 rung within the budgets still lost to fp32
+        best = min((r for r in passing if r is not fp32), key=lambda r: r.latency_b1_ms or float("inf"))
+        reason = (f"fp32 ships: {best.rung} kept the budgets ({best.verdict}) but is slower at batch 1 here "
+                  f"({best.latency_b1_ms:.3f} ms vs fp32 {fp32.latency_b1_ms:.3f} ms)")  # fmt: skip
     else:
         speed = f"; batch 1 {winner.latency_b1_ms:.3f} ms vs fp32 {fp32.latency_b1_ms:.3f} ms"
         reason = f"{winner.rung} ships: {winner.verdict}{speed}"
