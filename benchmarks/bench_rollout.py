@@ -32,8 +32,8 @@ import numpy as np
 from transflow_edge.bundle import pack
 from transflow_edge.client import EdgeClient
 
-from benchmarks.bench_edge import TOKEN, EdgeProcess
 from benchmarks.common import machine_info, write_result
+from benchmarks.edge_load import TOKEN, EdgeProcess
 from tests.edge_fixtures import build_text_bundle
 from tests.rollout_fixtures import rebadge, texts
 
