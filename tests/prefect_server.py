@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,22 @@ def flush_to_server(timeout: float = 120) -> None:
 
     APILogWorker.drain_all(timeout=timeout)
     EventsWorker.drain_all(timeout=timeout)
+
+
+@contextlib.contextmanager
+def api_for_this_process(home: Path) -> Iterator[str]:
+    """A real Prefect server that this test process's flows and clients report to (a module fixture's body);
+    flushed while it still listens, then stopped."""
+    import prefect.main  # noqa: F401  (sets up Prefect's log handlers on pytest's stderr, not a CliRunner stream)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    server, url = start_server(home)
+    try:
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+            flush_to_server()
+    finally:
+        stop(server)
 
 
 def stop(service: Service, timeout: float = 30) -> int | None:

@@ -26,7 +26,7 @@ from tasks.drift_reference import reference_values
 from tasks.drift_watch import decide, fleet_figures, read_state, write_state
 from tests import drift_data
 from tests.edge_fixtures import TOKEN, build_text_bundle, running_server
-from tests.prefect_server import flush_to_server, start_server, stop
+from tests.prefect_server import api_for_this_process, flush_to_server
 
 pytestmark = pytest.mark.integration
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -227,16 +227,8 @@ def test_fleet_figures_add_up_the_servers_of_one_bundle() -> None:
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import prefect.main  # noqa: F401  (Prefect's log handlers on pytest's stderr)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    server, url = start_server(tmp_path_factory.mktemp("prefect-drift"))
-    try:
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield url
-            flush_to_server()
-    finally:
-        stop(server)
+    with api_for_this_process(tmp_path_factory.mktemp("prefect-drift")) as url:
+        yield url
 
 
 def stored_events(want: int, timeout: float = 30) -> list:

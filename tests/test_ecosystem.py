@@ -39,17 +39,10 @@ CODE = ROOT / "mlflow" / "transflow_pyfunc.py"
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prefect server; this process's flows report to it (no temporary server)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from tests.prefect_server import api_for_this_process
 
-    from tests.prefect_server import flush_to_server, start_server, stop
-
-    server, url = start_server(tmp_path_factory.mktemp("prefect-home"))
-    try:
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield url
-            flush_to_server()
-    finally:
-        stop(server)
+    with api_for_this_process(tmp_path_factory.mktemp("prefect-home")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from runconfig import load_config
 from tasks.gpu import GpuPreflightError, preflight
-from tests.prefect_server import ROOT, Service, flush_to_server, prefect_env, start_server, start_worker, stop
+from tests.prefect_server import ROOT, Service, api_for_this_process, prefect_env, start_worker, stop
 
 integration, slow = pytest.mark.integration, pytest.mark.slow
 SMOKE = "configs/smoke-text.yaml"
@@ -42,17 +42,9 @@ class Api:
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """A real Prefect server; this test process talks to it for the whole module."""
-    import prefect.main  # noqa: F401  (sets up Prefect's log handlers on pytest's stderr, not a CliRunner stream)
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     home = tmp_path_factory.mktemp("prefect-server")
-    server, url = start_server(home)
-    try:
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield Api(url, home)
-            flush_to_server()
-    finally:
-        stop(server)
+    with api_for_this_process(home) as url:
+        yield Api(url, home)
 
 
 @pytest.fixture(scope="module")
