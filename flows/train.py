@@ -130,36 +130,51 @@ def train_model(cfg: RunConfig, data_version: str, tracker: Tracker, run_id: str
         else None
     )
     metric, stages, histories, tests = cfg.evaluation.metric, [], {}, {}
-    for index, stage in enumerate(cfg.stages):
-        outcome = None if any(not s.get("resumed") for s in stages) else finished(workdir, stage)
-        if outcome:
-            print(f"stage {stage.label}: finished by an earlier run (done.json): skipped, its weights restored")
-            restore_stage(model, workdir, stage)
-        else:
-            child = tracker.start_run(
-                cfg.registry.experiment, f"{cfg.name}/{stage.label}", {"stage": stage.kind}, run_id
+    sampled = tracker.system_metrics(run_id, cfg.training.system_metrics, cfg.training.system_metrics_interval_s)
+    with sampled:  # training only: CPU/memory/disk/network while the stages run
+        for index, stage in enumerate(cfg.stages):
+            outcome = None if any(not s.get("resumed") for s in stages) else finished(workdir, stage)
+            if outcome:
+                print(f"stage {stage.label}: finished by an earlier run (done.json): skipped, its weights restored")
+                restore_stage(model, workdir, stage)
+            else:
+                child = tracker.start_run(
+                    cfg.registry.experiment, f"{cfg.name}/{stage.label}", {"stage": stage.kind}, run_id
+                )
+                tracker.log_params(child, stage.model_dump(mode="json"))
+                outcome = run_stage(
+                    model,
+                    adapter,
+                    encoded,
+                    features,
+                    stage,
+                    index,
+                    cfg.training,
+                    metric,
+                    device,
+                    workdir,
+                    tracker,
+                    child,
+                )
+            test = _test_stage(
+                model, adapter, encoded, features, stage.kind, cfg, dataset.classes, device, bf16, workdir
             )
-            tracker.log_params(child, stage.model_dump(mode="json"))
-            outcome = run_stage(
-                model, adapter, encoded, features, stage, index, cfg.training, metric, device, workdir, tracker, child
+            rows = [(f"{stage.label}.test_{k}", test[k], 0) for k in ("accuracy", "macro_f1")]
+            tracker.log_metrics(run_id, [*rows, (f"{stage.label}.best_val_{metric}", outcome.best_metric, 0)])
+            histories[stage.label], tests[stage.label] = outcome.history, test
+            stages.append(
+                {
+                    "name": stage.label,
+                    "kind": stage.kind,
+                    "best_epoch": outcome.best_epoch,
+                    f"best_val_{metric}": outcome.best_metric,
+                    "seconds": round(outcome.seconds, 1),
+                    "samples_per_second": round(outcome.samples_per_second, 1),
+                    "resumed": outcome.resumed,
+                    "resumed_from": None if outcome.resumed else outcome.resumed_from,
+                    "test": {k: test[k] for k in ("accuracy", "macro_f1")},
+                }
             )
-        test = _test_stage(model, adapter, encoded, features, stage.kind, cfg, dataset.classes, device, bf16, workdir)
-        rows = [(f"{stage.label}.test_{k}", test[k], 0) for k in ("accuracy", "macro_f1")]
-        tracker.log_metrics(run_id, [*rows, (f"{stage.label}.best_val_{metric}", outcome.best_metric, 0)])
-        histories[stage.label], tests[stage.label] = outcome.history, test
-        stages.append(
-            {
-                "name": stage.label,
-                "kind": stage.kind,
-                "best_epoch": outcome.best_epoch,
-                f"best_val_{metric}": outcome.best_metric,
-                "seconds": round(outcome.seconds, 1),
-                "samples_per_second": round(outcome.samples_per_second, 1),
-                "resumed": outcome.resumed,
-                "resumed_from": None if outcome.resumed else outcome.resumed_from,
-                "test": {k: test[k] for k in ("accuracy", "macro_f1")},
-            }
-        )
     resume = resume_report(stages)
     if resume:
         tracker.set_tags(run_id, resume)

@@ -108,6 +108,10 @@ class TrainingConfig(_Strict):
     compile: bool | None = Field(default=None, description="None: on with CUDA.")
     checkpoint_every_steps: int = Field(default=200, ge=1)
     num_threads: int | None = Field(default=None, ge=1)
+    system_metrics: bool = Field(
+        default=False, description="Sample CPU, memory, disk and network (GPU where present) into the MLflow run."
+    )
+    system_metrics_interval_s: float = Field(default=10.0, gt=0, description="Seconds between system samples.")
     processes: int = Field(
         default=1, ge=1, description="Data-parallel (DDP) processes per stage on this machine, via torchrun."
     )
