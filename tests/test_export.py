@@ -191,3 +191,25 @@ def test_ladder_climbs_on_a_real_encoder_and_the_manifest_records_every_rung(tin
     assert ladder["calibration"]["size"] == 8 and len(ladder["calibration"]["sha256"]) == 64
     again = calibration_feeds(adapter, ds.validation.items, 8)
     assert again["sha256"] == ladder["calibration"]["sha256"], "the same seeded slice, the same hash"
+
+
+def test_the_golden_tolerance_covers_the_models_own_batching(tiny_setup: tuple, exported: object) -> None:
+    """Dynamic int8 scales activations per call, so an input's logits depend on what it is batched and padded
+    with; the edge batches by length. The golden file's atol is twice the spread measured at export (each input
+    alone vs all together), so every golden input, sent alone as the deploy flow's check may be served, passes."""
+    adapter, _, ds, _ = tiny_setup
+    bundle = Path(exported.bundle_dir)
+    golden = json.loads((bundle / "golden.json").read_text())
+    expected = np.asarray(golden["logits"])
+    sess = session(bundle / exported.default_model)
+    alone = np.concatenate(
+        [
+            sess.run(["logits"], {k: v.numpy() for k, v in adapter.collate(adapter.encode([item])).items()})[0]
+            for item in ds.test.items[: len(expected)]
+        ]
+    )
+    spread = float(np.abs(alone - expected).max())
+    assert golden["batching_spread"] == pytest.approx(spread, abs=1e-5)
+    assert golden["atol"] >= 2 * spread - 1e-4 and golden["atol"] >= 1e-4
+    assert np.abs(alone - expected).max() <= golden["atol"]
+    assert load_model(verify_bundle(bundle)).golden["checked"] == len(expected), "the edge's own check passes"
