@@ -35,7 +35,7 @@ from transflow_edge.client import EdgeClient
 from benchmarks.common import machine_info, write_result
 from benchmarks.edge_load import TOKEN, EdgeProcess
 from tests.edge_fixtures import build_text_bundle
-from tests.rollout_fixtures import rebadge, texts
+from tests.rollout_fixtures import rebadge, send_traffic, texts
 
 
 def pct(ms: list[float]) -> dict[str, float]:
@@ -101,15 +101,6 @@ def bad_candidate_removal(root: Path, live: Path, window_s: float) -> dict[str, 
     stop = threading.Event()
     seen: dict[str, float] = {}
 
-    def traffic() -> None:
-        bodies = texts(200)
-        with httpx.Client(timeout=30) as http:
-            i = 0
-            while not stop.is_set():
-                for url in urls:
-                    http.post(f"{url}/v1/predict", json={"inputs": bodies[i % len(bodies)]})
-                i += 1
-
     def poll() -> None:
         with httpx.Client(timeout=30) as http:
             while not stop.is_set():
@@ -121,7 +112,8 @@ def bad_candidate_removal(root: Path, live: Path, window_s: float) -> dict[str, 
                     seen["gone"] = now
                 time.sleep(0.05)
 
-    threads = [threading.Thread(target=traffic, daemon=True) for _ in range(2)] + [threading.Thread(target=poll)]
+    senders = [threading.Thread(target=send_traffic, args=(urls, stop), daemon=True) for _ in range(2)]
+    threads = [*senders, threading.Thread(target=poll)]
     for t in threads:
         t.start()
     os.environ["TRANSFLOW_EDGE_TOKEN"] = TOKEN

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 
 from transflow_edge.bundle import write_manifest
@@ -49,3 +50,16 @@ def texts(n: int, seed: int = 0) -> list[list[str]]:
         k = 1 + (i * 7 + seed) % 3
         out.append([" ".join(words[(i * 3 + j * 5 + w + seed) % len(words)] for w in range(2 + j)) for j in range(k)])
     return out
+
+
+def send_traffic(urls: list[str], stop: threading.Event, seed: int = 0) -> None:
+    """Live traffic for a rollout: round-robin `/v1/predict` posts to every server until `stop` is set."""
+    import httpx
+
+    bodies = texts(200, seed=seed)
+    with httpx.Client(timeout=30) as http:
+        i = 0
+        while not stop.is_set():
+            for url in urls:
+                http.post(f"{url}/v1/predict", json={"inputs": bodies[i % len(bodies)]})
+            i += 1

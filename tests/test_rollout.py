@@ -28,7 +28,7 @@ from tasks.rollout import RolloutRules, judge, parse_waves, tag_key
 from tasks.tracking import Tracker
 from tests.conftest import ROOT
 from tests.edge_fixtures import TOKEN, build_text_bundle, running_server
-from tests.rollout_fixtures import rebadge, texts
+from tests.rollout_fixtures import rebadge, send_traffic
 from tests.test_deploy import register, sha_of
 
 NAME = "tweets-sentiment"
@@ -106,16 +106,7 @@ def fleet(registry: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
     urls = [ctx.__enter__() for ctx in contexts]
     stop = threading.Event()
 
-    def traffic(offset: int) -> None:
-        bodies = texts(200, seed=offset)
-        with httpx.Client(timeout=30) as http:
-            i = 0
-            while not stop.is_set():
-                for url in urls:
-                    http.post(f"{url}/v1/predict", json={"inputs": bodies[i % len(bodies)]})
-                i += 1
-
-    threads = [threading.Thread(target=traffic, args=(k,), daemon=True) for k in range(4)]
+    threads = [threading.Thread(target=send_traffic, args=(urls, stop, k), daemon=True) for k in range(4)]
     for t in threads:
         t.start()
     yield urls
